@@ -1,0 +1,283 @@
+"""Every setting of SIRA: one table of (variable, default, parser, help, secret), read from the environment.
+
+The table is the single source: `load_settings` checks every value at start (a bad one is a
+`ConfigError` whose message is the one line the CLI prints before exiting 2), `sira config` prints
+the effective values with secrets masked, and the README's configuration table is generated from it
+(`python -m conf.settings --markdown`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import sys
+from typing import Any, Callable, Mapping
+
+from psycopg import conninfo
+
+
+class ConfigError(ValueError):
+    """A setting has a bad value; str() is one line naming the variable and what it expects."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    env: str
+    default: str | None
+    parse: Callable[[str], Any]
+    help: str
+    secret: bool = False
+
+    @property
+    def attr(self) -> str:
+        return self.env.lower().removeprefix("sira_")
+
+
+def parse_positive_int(value: str) -> int:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        raise ValueError(f"a positive integer, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"a positive integer, got {value!r}")
+    return number
+
+
+def parse_bounded_int(low: int, high: int) -> Callable[[str], int]:
+    def parse(value: str) -> int:
+        try:
+            number = int(value.strip())
+        except ValueError:
+            raise ValueError(f"an integer from {low} to {high}, got {value!r}") from None
+        if not low <= number <= high:
+            raise ValueError(f"an integer from {low} to {high}, got {value!r}")
+        return number
+
+    return parse
+
+
+def parse_positive_float(value: str) -> float:
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError(f"a positive number of seconds, got {value!r}") from None
+    if not number > 0 or number != number or number == float("inf"):
+        raise ValueError(f"a positive number of seconds, got {value!r}")
+    return number
+
+
+def parse_bind(value: str) -> str:
+    """host:port with a port in 1..65535; IPv6 hosts in brackets."""
+    match = re.fullmatch(r"(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.\-]*):(\d{1,5})", value.strip())
+    if not match:
+        raise ValueError(f"HOST:PORT such as 127.0.0.1:8080, got {value!r}")
+    host, port = match.group(1), int(match.group(2))
+    if not 1 <= port <= 65535:
+        raise ValueError(f"a port from 1 to 65535, got {value!r}")
+    if host.startswith("["):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            raise ValueError(f"a valid IPv6 address in brackets, got {value!r}") from None
+    return value.strip()
+
+
+def parse_database_url(value: str) -> str:
+    """A libpq URL (postgresql:// or postgres://) naming a host or a socket directory."""
+    value = value.strip()
+    if not value.startswith(("postgresql://", "postgres://")):
+        raise ValueError("a URL such as postgresql://user:pass@host:5432/db")
+    try:
+        params = conninfo.conninfo_to_dict(value)
+    except Exception as exc:  # psycopg raises ProgrammingError for a malformed URL
+        raise ValueError(f"a valid postgresql:// URL ({str(exc).splitlines()[0]})") from None
+    if not params.get("host") and not params.get("hostaddr"):
+        raise ValueError("a postgresql:// URL with a host (or host= socket directory)")
+    if "port" in params and not str(params["port"]).isdigit():
+        raise ValueError("a postgresql:// URL with a numeric port")
+    return value
+
+
+def parse_log_level(value: str) -> str:
+    level = value.strip().upper()
+    if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+        raise ValueError(f"one of debug, info, warning, error, critical, got {value!r}")
+    return level
+
+
+def parse_text(value: str) -> str:
+    return value
+
+
+def parse_nonempty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("a non-empty value")
+    return value
+
+
+def parse_kid(value: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._\-]{1,64}", value):
+        raise ValueError(f"a key id of 1-64 letters, digits, '.', '_' or '-', got {value!r}")
+    return value
+
+
+def parse_secret(value: str) -> str:
+    if len(value) < 16:
+        raise ValueError("a secret of at least 16 characters")
+    return value
+
+
+def parse_public_keys(value: str) -> dict[str, str]:
+    """kid=path pairs separated by commas; each path must name a readable file."""
+    keys: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        kid, sep, path = item.partition("=")
+        if not sep or not kid or not path:
+            raise ValueError(f"KID=PATH[,KID=PATH...], got {item!r}")
+        parse_kid(kid)
+        if not os.path.isfile(path):
+            raise ValueError(f"a readable PEM file for kid {kid!r}, but {path!r} is not a file")
+        keys[kid] = path
+    return keys
+
+
+def parse_bucket(value: str) -> str:
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]", value.strip()):
+        raise ValueError(f"an S3 bucket name (3-63 lower-case letters, digits, '.', '-'), got {value!r}")
+    return value.strip()
+
+
+def parse_http_url(value: str) -> str:
+    if not re.fullmatch(r"https?://[^\s/:]+(:\d{1,5})?(/\S*)?", value.strip()):
+        raise ValueError(f"an http(s)://host[:port] URL, got {value!r}")
+    return value.strip().rstrip("/")
+
+
+def parse_optional_file(value: str) -> str:
+    if not os.path.isfile(value):
+        raise ValueError(f"a readable file, but {value!r} is not a file")
+    return value
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("SIRA_DATA_DIR", "./var", parse_nonempty,
+            "Folder for the embedded Postgres, the local model store, model files, pid files and the generated JWT secret."),
+    Setting("SIRA_BIND", "127.0.0.1:8080", parse_bind, "HOST:PORT the HTTP workers listen on."),
+    Setting("SIRA_WORKERS", None, parse_bounded_int(1, 256), "Number of HTTP worker processes (default: number of cores)."),
+    Setting("DATABASE_URL", None, parse_database_url,
+            "PostgreSQL URL. Unset: an embedded PostgreSQL under $SIRA_DATA_DIR/pg, started and stopped by sira.",
+            secret=True),
+    Setting("JWT_SECRET", None, parse_secret,
+            "HS256 secret for client tokens. Unset: generated once and kept in $SIRA_DATA_DIR/jwt_secret (with a warning).",
+            secret=True),
+    Setting("JWT_SECRET_KID", "default", parse_kid, "Key id of JWT_SECRET; tokens without a kid use it."),
+    Setting("JWT_PUBLIC_KEYS", "", parse_public_keys,
+            "Extra verification keys as KID=PEM_PATH[,KID=PEM_PATH...] (RS256 for RSA, ES256 for P-256); tokens pick one by kid."),
+    Setting("JWT_ISSUER", None, parse_nonempty, "Required `iss` claim (unset: not checked)."),
+    Setting("JWT_AUDIENCE", None, parse_nonempty, "Required `aud` claim (unset: not checked)."),
+    Setting("INTERNAL_SERVICE_TOKEN", None, parse_secret,
+            "Opaque token for internal callers; it may call every endpoint. Unset: disabled.", secret=True),
+    Setting("MODEL_BUCKET", None, parse_bucket, "S3 bucket of the model store. Unset: a local folder store in $SIRA_DATA_DIR/store."),
+    Setting("S3_ENDPOINT_URL", None, parse_http_url, "S3 endpoint for MinIO and other S3-compatible stores (unset: AWS)."),
+    Setting("CACHE_MAX_ITEMS", "5000", parse_bounded_int(0, 10_000_000), "Capacity of the shared prediction cache (0 disables it)."),
+    Setting("CACHE_TTL_MS", "300000", parse_positive_int, "Time to live of a cached prediction, in milliseconds."),
+    Setting("MODEL_POLL_INTERVAL_S", "30", parse_positive_float, "Seconds between two syncs of the model registry."),
+    Setting("LOG_LEVEL", "info", parse_log_level, "debug, info, warning, error or critical."),
+    Setting("SIRA_BATCH_MAX", "256", parse_bounded_int(1, 10_000), "Most events in one POST /v1/infer/batch."),
+    Setting("SIRA_MAX_BODY_BYTES", "1048576", parse_bounded_int(1024, 64 * 1024 * 1024), "Largest request body accepted (413 above)."),
+    Setting("SIRA_KEEPALIVE_S", "5", parse_bounded_int(0, 3600), "Seconds an idle keep-alive connection stays open."),
+    Setting("SIRA_GUNICORN_CONFIG", None, parse_optional_file,
+            "Optional gunicorn config file (Python) for ops overrides; applied after SIRA's own settings."),
+)
+
+SETTINGS_BY_ENV = {setting.env: setting for setting in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The effective settings; attribute names are the variable names, lower case, without SIRA_."""
+
+    data_dir: str
+    bind: str
+    workers: int
+    database_url: str | None
+    jwt_secret: str | None
+    jwt_secret_kid: str
+    jwt_public_keys: dict[str, str]
+    jwt_issuer: str | None
+    jwt_audience: str | None
+    internal_service_token: str | None
+    model_bucket: str | None
+    s3_endpoint_url: str | None
+    cache_max_items: int
+    cache_ttl_ms: int
+    model_poll_interval_s: float
+    log_level: str
+    batch_max: int
+    max_body_bytes: int
+    keepalive_s: int
+    gunicorn_config: str | None
+
+    def replace(self, **changes: Any) -> "Settings":
+        return dataclasses.replace(self, **changes)
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read and check every setting; the first bad one raises ConfigError with a one-line message."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for setting in SETTINGS:
+        raw = environ.get(setting.env)
+        if raw is None or (raw == "" and setting.default is None):
+            raw = setting.default
+        if raw is None:
+            values[setting.attr] = None
+            continue
+        try:
+            values[setting.attr] = setting.parse(raw)
+        except ValueError as exc:
+            raise ConfigError(f"{setting.env}: expected {exc}") from None
+    if values["workers"] is None:
+        values["workers"] = default_workers()
+    return Settings(**values)
+
+
+def mask(setting: Setting, value: Any) -> str:
+    """The value as `sira config` shows it: secrets replaced, a database password hidden."""
+    if value is None:
+        return "(unset)"
+    if setting.env == "DATABASE_URL":
+        return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1****@", value)
+    if setting.secret:
+        return "****"
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items())
+    return str(value)
+
+
+def effective_values(settings: Settings) -> list[tuple[str, str, str]]:
+    """(variable, shown value, where it came from) for every setting."""
+    rows = []
+    for setting in SETTINGS:
+        source = "env" if setting.env in os.environ else "default"
+        rows.append((setting.env, mask(setting, getattr(settings, setting.attr)), source))
+    return rows
+
+
+def markdown_table() -> str:
+    lines = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    for setting in SETTINGS:
+        default = f"`{setting.default}`" if setting.default not in (None, "") else "unset"
+        lines.append(f"| `{setting.env}` | {default} | {setting.help} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] == ["--markdown"]:
+        print(markdown_table())

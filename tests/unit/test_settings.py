@@ -1,0 +1,101 @@
+"""Every setting an operator can get wrong is refused with one line naming it."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conf.secrets import jwt_secret_or_generate
+from conf.settings import SETTINGS, ConfigError, load_settings, mask, markdown_table
+
+
+def test_defaults_match_the_documented_table():
+    settings = load_settings({})
+    assert settings.data_dir == "./var"
+    assert settings.bind == "127.0.0.1:8080"
+    assert settings.workers >= 1
+    assert settings.database_url is None and settings.jwt_secret is None
+    assert settings.cache_max_items == 5000 and settings.cache_ttl_ms == 300000
+    assert settings.model_poll_interval_s == 30.0
+    assert settings.batch_max == 256 and settings.max_body_bytes == 1048576
+    assert settings.log_level == "INFO"
+
+
+@pytest.mark.parametrize("env, variable", [
+    ({"SIRA_WORKERS": "abc"}, "SIRA_WORKERS"),
+    ({"SIRA_WORKERS": "0"}, "SIRA_WORKERS"),
+    ({"SIRA_WORKERS": "-3"}, "SIRA_WORKERS"),
+    ({"SIRA_BIND": "127.0.0.1"}, "SIRA_BIND"),
+    ({"SIRA_BIND": "127.0.0.1:0"}, "SIRA_BIND"),
+    ({"SIRA_BIND": "127.0.0.1:99999"}, "SIRA_BIND"),
+    ({"SIRA_BIND": "[zz::1]:80"}, "SIRA_BIND"),
+    ({"DATABASE_URL": "mysql://u@h/db"}, "DATABASE_URL"),
+    ({"DATABASE_URL": "postgresql://"}, "DATABASE_URL"),
+    ({"DATABASE_URL": "not a url"}, "DATABASE_URL"),
+    ({"DATABASE_URL": "postgresql://u@h:port/db"}, "DATABASE_URL"),
+    ({"JWT_SECRET": "short"}, "JWT_SECRET"),
+    ({"JWT_SECRET_KID": "bad kid!"}, "JWT_SECRET_KID"),
+    ({"JWT_PUBLIC_KEYS": "nokid"}, "JWT_PUBLIC_KEYS"),
+    ({"JWT_PUBLIC_KEYS": "k1=/does/not/exist.pem"}, "JWT_PUBLIC_KEYS"),
+    ({"INTERNAL_SERVICE_TOKEN": "tiny"}, "INTERNAL_SERVICE_TOKEN"),
+    ({"MODEL_BUCKET": "Bad_Bucket"}, "MODEL_BUCKET"),
+    ({"S3_ENDPOINT_URL": "ftp://x"}, "S3_ENDPOINT_URL"),
+    ({"CACHE_MAX_ITEMS": "many"}, "CACHE_MAX_ITEMS"),
+    ({"CACHE_TTL_MS": "0"}, "CACHE_TTL_MS"),
+    ({"MODEL_POLL_INTERVAL_S": "nan"}, "MODEL_POLL_INTERVAL_S"),
+    ({"MODEL_POLL_INTERVAL_S": "-1"}, "MODEL_POLL_INTERVAL_S"),
+    ({"LOG_LEVEL": "loud"}, "LOG_LEVEL"),
+    ({"SIRA_BATCH_MAX": "0"}, "SIRA_BATCH_MAX"),
+    ({"SIRA_MAX_BODY_BYTES": "10"}, "SIRA_MAX_BODY_BYTES"),
+    ({"SIRA_KEEPALIVE_S": "x"}, "SIRA_KEEPALIVE_S"),
+    ({"SIRA_GUNICORN_CONFIG": "/nope.py"}, "SIRA_GUNICORN_CONFIG"),
+    ({"SIRA_DATA_DIR": "  "}, "SIRA_DATA_DIR"),
+])
+def test_bad_value_is_one_line_naming_the_variable(env, variable):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env)
+    message = str(caught.value)
+    assert message.startswith(variable + ": expected ")
+    assert "\n" not in message
+
+
+def test_good_values_are_parsed(tmp_path):
+    pem = tmp_path / "k.pem"
+    pem.write_text("x")
+    settings = load_settings({
+        "SIRA_WORKERS": "3", "SIRA_BIND": "[::1]:9000", "DATABASE_URL": "postgresql://u:p@db:5432/sira",
+        "JWT_PUBLIC_KEYS": f"k1={pem}", "LOG_LEVEL": "debug", "MODEL_BUCKET": "models-prod",
+        "S3_ENDPOINT_URL": "http://127.0.0.1:9000/",
+    })
+    assert settings.workers == 3 and settings.bind == "[::1]:9000"
+    assert settings.jwt_public_keys == {"k1": str(pem)}
+    assert settings.log_level == "DEBUG" and settings.s3_endpoint_url == "http://127.0.0.1:9000"
+
+
+def test_secrets_are_masked():
+    by_env = {s.env: s for s in SETTINGS}
+    assert mask(by_env["JWT_SECRET"], "supersecretvalue123") == "****"
+    assert mask(by_env["INTERNAL_SERVICE_TOKEN"], "abc") == "****"
+    shown = mask(by_env["DATABASE_URL"], "postgresql://sira:hunter2@db:5432/sira")
+    assert "hunter2" not in shown and "sira:****@db" in shown
+
+
+def test_markdown_table_lists_every_setting():
+    table = markdown_table()
+    for setting in SETTINGS:
+        assert f"`{setting.env}`" in table
+
+
+def test_generated_jwt_secret_is_created_once_and_private(tmp_path):
+    first = jwt_secret_or_generate(None, str(tmp_path))
+    second = jwt_secret_or_generate(None, str(tmp_path))
+    assert first == second and len(first) >= 32
+    assert os.stat(tmp_path / "jwt_secret").st_mode & 0o077 == 0
+    assert jwt_secret_or_generate("given-secret-0123456789", str(tmp_path)) == "given-secret-0123456789"
+
+
+def test_unusable_generated_secret_file_is_an_error(tmp_path):
+    (tmp_path / "jwt_secret").write_text("x\n")
+    with pytest.raises(ValueError, match="jwt_secret"):
+        jwt_secret_or_generate(None, str(tmp_path))
