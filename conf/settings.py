@@ -123,10 +123,13 @@ def parse_kid(value: str) -> str:
     return value
 
 
-def parse_secret(value: str) -> str:
-    if len(value) < 16:
-        raise ValueError("a secret of at least 16 characters")
-    return value
+def parse_min_length(minimum: int) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if len(value.encode()) < minimum:
+            raise ValueError(f"a secret of at least {minimum} bytes")
+        return value
+
+    return parse
 
 
 def parse_public_keys(value: str) -> dict[str, str]:
@@ -169,15 +172,15 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("DATABASE_URL", None, parse_database_url,
             "PostgreSQL URL. Unset: an embedded PostgreSQL under $SIRA_DATA_DIR/pg, started and stopped by sira.",
             secret=True),
-    Setting("JWT_SECRET", None, parse_secret,
-            "HS256 secret for client tokens. Unset: generated once and kept in $SIRA_DATA_DIR/jwt_secret (with a warning).",
+    Setting("JWT_SECRET", None, parse_min_length(32),
+            "HS256 secret for client tokens (at least 32 bytes). Unset: generated once and kept in $SIRA_DATA_DIR/jwt_secret (with a warning).",
             secret=True),
     Setting("JWT_SECRET_KID", "default", parse_kid, "Key id of JWT_SECRET; tokens without a kid use it."),
     Setting("JWT_PUBLIC_KEYS", "", parse_public_keys,
             "Extra verification keys as KID=PEM_PATH[,KID=PEM_PATH...] (RS256 for RSA, ES256 for P-256); tokens pick one by kid."),
     Setting("JWT_ISSUER", None, parse_nonempty, "Required `iss` claim (unset: not checked)."),
     Setting("JWT_AUDIENCE", None, parse_nonempty, "Required `aud` claim (unset: not checked)."),
-    Setting("INTERNAL_SERVICE_TOKEN", None, parse_secret,
+    Setting("INTERNAL_SERVICE_TOKEN", None, parse_min_length(16),
             "Opaque token for internal callers; it may call every endpoint. Unset: disabled.", secret=True),
     Setting("MODEL_BUCKET", None, parse_bucket, "S3 bucket of the model store. Unset: a local folder store in $SIRA_DATA_DIR/store."),
     Setting("S3_ENDPOINT_URL", None, parse_http_url, "S3 endpoint for MinIO and other S3-compatible stores (unset: AWS)."),

@@ -35,6 +35,7 @@ def test_defaults_match_the_documented_table():
     ({"DATABASE_URL": "not a url"}, "DATABASE_URL"),
     ({"DATABASE_URL": "postgresql://u@h:port/db"}, "DATABASE_URL"),
     ({"JWT_SECRET": "short"}, "JWT_SECRET"),
+    ({"JWT_SECRET": "x" * 31}, "JWT_SECRET"),
     ({"JWT_SECRET_KID": "bad kid!"}, "JWT_SECRET_KID"),
     ({"JWT_PUBLIC_KEYS": "nokid"}, "JWT_PUBLIC_KEYS"),
     ({"JWT_PUBLIC_KEYS": "k1=/does/not/exist.pem"}, "JWT_PUBLIC_KEYS"),
