@@ -85,18 +85,24 @@ def parse_bind(value: str) -> str:
 
 
 def parse_database_url(value: str) -> str:
-    """A libpq URL (postgresql:// or postgres://) naming a host or a socket directory."""
+    """A libpq URL (postgresql:// or postgres://) naming a host or a socket directory.
+
+    libpq quotes the offending token in its errors, which may be part of a password: only the
+    reason is kept.
+    """
     value = value.strip()
     if not value.startswith(("postgresql://", "postgres://")):
         raise ValueError("a URL such as postgresql://user:pass@host:5432/db")
     try:
         params = conninfo.conninfo_to_dict(value)
-    except Exception as exc:  # psycopg raises ProgrammingError for a malformed URL
-        raise ValueError(f"a valid postgresql:// URL ({str(exc).splitlines()[0]})") from None
+    except Exception as exc:  # psycopg.ProgrammingError for a malformed URL
+        reason = str(exc).strip().splitlines()[0].split(":")[0]
+        raise ValueError(f"a valid postgresql:// URL ({reason})") from None
     if not params.get("host") and not params.get("hostaddr"):
-        raise ValueError("a postgresql:// URL with a host (or host= socket directory)")
-    if "port" in params and not str(params["port"]).isdigit():
-        raise ValueError("a postgresql:// URL with a numeric port")
+        raise ValueError("a postgresql:// URL with a host (or ?host=/socket/dir)")
+    for port in str(params.get("port") or "").split(","):
+        if port and not (port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"a postgresql:// URL with a port from 1 to 65535, got {port!r}")
     return value
 
 

@@ -198,7 +198,16 @@ COMMANDS = {
 }
 
 
+def exit_on_sigterm(signum: int, frame) -> None:
+    """SIGTERM unwinds like Ctrl-C, so context managers (the embedded Postgres) clean up.
+
+    gunicorn's arbiter installs its own handlers once `sira serve` hands it the process.
+    """
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import jwt
 import pytest
 
-from tests.fixtures.server import REPO, run_sira, sira_env
+from tests.fixtures.server import run_sira, sira_env
 
 SUBCOMMANDS = ["serve", "migrate", "token", "reload", "config"]
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 from conf.secrets import jwt_secret_or_generate
-from conf.settings import SETTINGS, ConfigError, load_settings, mask, markdown_table
+from conf.settings import SETTINGS, ConfigError, load_settings, mask, markdown_table, parse_database_url
 
 
 def test_defaults_match_the_documented_table():
@@ -100,3 +100,41 @@ def test_unusable_generated_secret_file_is_an_error(tmp_path):
     (tmp_path / "jwt_secret").write_text("x\n")
     with pytest.raises(ValueError, match="jwt_secret"):
         jwt_secret_or_generate(None, str(tmp_path))
+
+
+def test_readme_configuration_table_is_the_generated_one():
+    readme = os.path.join(os.path.dirname(__file__), "..", "..", "README.md")
+    with open(readme, encoding="utf-8") as handle:
+        assert markdown_table() in handle.read(), "regenerate it: python -m conf.settings --markdown"
+
+
+@pytest.mark.parametrize("value", [
+    "mysql://x", "not a url", "", "postgresql://", "postgres://", "postgresql:///sira",
+    "postgresql://host:abc/sira", "postgresql://host:70000/sira", "postgresql://host:0/sira",
+    "postgresql://host/sira?foo=bar", "postgresql://u@%zz/sira", "postgresql://host/sira?host=",
+    "http://host/sira",
+])
+def test_database_url_rejects_malformed_urls_with_one_line(value):
+    with pytest.raises(ValueError) as raised:
+        parse_database_url(value)
+    assert "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("value", [
+    "postgresql://u:p@db.example.com:5432/sira",
+    "postgres://db/sira",
+    "postgresql://u@/sira?host=/var/run/postgresql",
+    "postgresql://postgres@%2Ftmp%2Fpg:5432/sira",
+    "postgresql://h1:5432,h2:5433/sira?target_session_attrs=read-write",
+    "postgresql://[::1]:5432/sira?sslmode=require",
+    "postgresql://u@10.0.0.1",
+])
+def test_database_url_accepts_valid_urls(value):
+    parse_database_url(value)
+
+
+def test_database_url_never_echoes_a_password():
+    for value in ("postgresql://u:s3cret-pw@host:abc/db", "postgresql://u:s3cret%zz@host/db"):
+        with pytest.raises(ValueError) as raised:
+            parse_database_url(value)
+        assert "s3cret" not in str(raised.value)
