@@ -1,0 +1,66 @@
+"""The models this worker serves: one ONNX runner per product, built once from files it is handed.
+
+How the files got onto the disk (model store, downloads, verification) is not this module's
+business: the serving process gives the app a list of `ModelFile`s that are already in place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from app.config import ModelFile
+from app.features import FeatureSpec
+from app.scoring import ModelRunner
+
+log = logging.getLogger("sira.models")
+
+
+class ServingModel:
+    """A loaded model with everything the request path needs, built once."""
+
+    __slots__ = ("model_id", "name", "version", "product", "role", "spec", "runner", "threshold",
+                 "loaded_at", "row")
+
+    def __init__(self, model_file: ModelFile):
+        self.model_id = model_file.model_id
+        self.name = model_file.name
+        self.version = model_file.version
+        self.product = model_file.product
+        self.role = model_file.role
+        self.spec = FeatureSpec.from_dict(model_file.spec)
+        self.runner = ModelRunner(model_file.path, self.spec)
+        self.runner.smoke_check()
+        self.threshold = float(model_file.threshold)
+        self.loaded_at = time.time()
+        # One reusable input row: a worker runs one request at a time on its event loop.
+        self.row = np.zeros(len(self.spec), dtype=np.float32)
+
+
+class ModelTable:
+    """product -> production ServingModel for this worker, and which products still lack one."""
+
+    def __init__(self, expected_products: list[str]):
+        self.expected_products = sorted(set(expected_products))
+        self.production: dict[str, ServingModel] = {}
+        self.load_errors: dict[str, str] = {}
+
+    def load(self, model_files: list[ModelFile]) -> None:
+        """Build a runner per file; a file that fails is logged and its product stays not ready."""
+        for model_file in model_files:
+            try:
+                model = ServingModel(model_file)
+            except Exception as exc:  # any load failure keeps the other products serving
+                self.load_errors[model_file.product] = f"{type(exc).__name__}: {exc}"
+                log.error("model %s (%s) failed to load: %s", model_file.model_id, model_file.product, exc)
+                continue
+            self.production[model.product] = model
+            log.info("loaded model %s %s for %s", model.model_id, model.version, model.product)
+
+    def get(self, product: str) -> ServingModel | None:
+        return self.production.get(product)
+
+    def missing_products(self) -> list[str]:
+        return [product for product in self.expected_products if product not in self.production]

@@ -1,0 +1,3 @@
+"""Fixtures shared by every kind of test: a real Postgres and a real `sira serve`."""
+
+pytest_plugins = ["tests.fixtures.postgres", "tests.fixtures.server"]

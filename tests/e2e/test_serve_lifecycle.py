@@ -1,0 +1,84 @@
+"""`sira serve` as ops meet it: health, pidfile, demo model on first start, clean stop on signals."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import httpx
+import psycopg
+import pytest
+
+from tests.fixtures.server import SiraServer, free_port, is_zombie, process_tree, sira_env
+
+
+def sira_segments() -> set[str]:
+    return {name for name in os.listdir("/dev/shm") if name.startswith("sira")}
+
+
+def test_healthz_answers_from_a_worker(sira_server):
+    response = httpx.get(sira_server.url + "/healthz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["ok"] is True and body["service"] == "sira-inference"
+    assert body["timestamp"].endswith("Z")
+    assert response.headers["x-request-id"]
+
+
+def test_pidfile_names_the_master(sira_server):
+    with open(os.path.join(sira_server.data_dir, "sira.pid"), encoding="ascii") as handle:
+        assert int(handle.read().strip()) == sira_server.master_pid
+    assert len(sira_server.worker_pids()) >= 2
+
+
+def test_first_start_registers_the_demo_model_once(server_factory, fresh_db):
+    first = server_factory(workers=1)
+    ready = httpx.get(first.url + "/readyz").json()
+    assert ready["ready"] is True and "fraud_score" in ready["models"]
+    first.stop()
+    second = server_factory(workers=1)
+    assert httpx.get(second.url + "/readyz").json()["models"] == ready["models"]
+    with psycopg.connect(fresh_db) as conn:
+        rows = conn.execute("SELECT product, status FROM siramodel_registry").fetchall()
+    assert rows == [("fraud_score", "production")]
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_stops_cleanly_leaving_no_process_or_segment(server_factory, sig):
+    before = sira_segments()
+    server = server_factory(workers=2)
+    tree = process_tree(server.master_pid)
+    assert len(tree) >= 3
+    assert server.stop(sig) == 0
+    assert server.leftover_pids(tree) == []
+    assert sira_segments() <= before
+    assert not os.path.exists(os.path.join(server.data_dir, "sira.pid"))
+
+
+def test_serve_on_embedded_postgres_by_default(tmp_path):
+    """No DATABASE_URL: sira starts its own Postgres under the data dir and stops it at exit."""
+    port = free_port()
+    data_dir = str(tmp_path / "data")
+    server = SiraServer(data_dir, sira_env(SIRA_DATA_DIR=data_dir, SIRA_BIND=f"127.0.0.1:{port}",
+                                           SIRA_WORKERS="1"), port)
+    try:
+        server.start(timeout=120)
+        assert httpx.get(server.url + "/healthz").status_code == 200
+        assert os.path.isdir(os.path.join(data_dir, "pg"))
+        postmaster = os.path.join(data_dir, "pg", "postmaster.pid")
+        assert os.path.exists(postmaster)
+        with open(postmaster, encoding="ascii") as handle:
+            pg_pid = int(handle.readline())
+    finally:
+        code = server.stop()
+    assert code == 0
+    assert not os.path.exists(f"/proc/{pg_pid}") or is_zombie(pg_pid), "the embedded Postgres must stop with sira"
+
+
+def test_master_never_loads_onnxruntime(sira_server):
+    """A worker forked from a master that loaded onnxruntime hangs at exit (see app/config.py)."""
+    with open(f"/proc/{sira_server.master_pid}/maps", encoding="ascii", errors="replace") as handle:
+        assert "onnxruntime" not in handle.read()
+    worker = sira_server.worker_pids()[0]
+    with open(f"/proc/{worker}/maps", encoding="ascii", errors="replace") as handle:
+        assert "onnxruntime" in handle.read()
