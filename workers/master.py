@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 
 import psycopg
 from gunicorn.app.base import BaseApplication
@@ -19,6 +20,7 @@ from app.config import AppConfig
 from conf.secrets import jwt_secret_or_generate
 from conf.settings import Settings
 from workers import registry
+from workers.arbiter import Sidecar, SiraArbiter
 from workers.bootstrap import ensure_demo_model
 from workers.model_files import sync_production_files
 from workers.modelstore import LocalModelStore
@@ -63,9 +65,10 @@ def prepare_models(settings: Settings, dsn: str) -> tuple[list, list[str]]:
 class SiraApplication(BaseApplication):
     """gunicorn configured from conf/ (plus an optional ops config file), serving app.main."""
 
-    def __init__(self, settings: Settings, app_config: AppConfig):
+    def __init__(self, settings: Settings, app_config: AppConfig, sidecars: list[Sidecar] | None = None):
         self.settings = settings
         self.app_config = app_config
+        self.sidecars = sidecars or []
         super().__init__()
 
     def load_config(self) -> None:
@@ -88,11 +91,22 @@ class SiraApplication(BaseApplication):
             "limit_request_field_size": 16384,
             "post_fork": block_stop_signals,
             "post_worker_init": unblock_stop_signals_once_running,
+            # `sira reload` is the control interface; gunicorn's control socket would add a thread
+            # to the master (forks happen beside it) and one shared socket path for every instance.
+            "control_socket_disable": True,
         }
         for name, value in options.items():
             self.cfg.set(name, value)
         if settings.gunicorn_config:
             self.load_config_from_file(settings.gunicorn_config)
+
+    def run(self):
+        """gunicorn's BaseApplication.run, with SIRA's arbiter (sidecars, SIGHUP as a model re-sync)."""
+        try:
+            SiraArbiter(self, self.sidecars).run()
+        except RuntimeError as exc:
+            print(f"\nError: {exc}\n", file=sys.stderr)
+            sys.exit(1)
 
     def load(self):
         """Runs in each worker after the fork: only here may onnxruntime be imported (app/config.py)."""

@@ -79,6 +79,20 @@ def test_master_never_loads_onnxruntime(sira_server):
     """A worker forked from a master that loaded onnxruntime hangs at exit (see app/config.py)."""
     with open(f"/proc/{sira_server.master_pid}/maps", encoding="ascii", errors="replace") as handle:
         assert "onnxruntime" not in handle.read()
-    worker = sira_server.worker_pids()[0]
+    worker = httpx.get(sira_server.url + "/readyz").json()["worker_pid"]  # a worker that has booted
     with open(f"/proc/{worker}/maps", encoding="ascii", errors="replace") as handle:
         assert "onnxruntime" in handle.read()
+
+
+def test_sighup_does_not_restart_workers(sira_server):
+    """SIGHUP is a model re-sync for the supervisor, never a gunicorn reload."""
+    workers = sorted(sira_server.worker_pids())
+    os.kill(sira_server.master_pid, signal.SIGHUP)
+    for _ in range(20):
+        assert httpx.get(sira_server.url + "/healthz").status_code == 200
+    assert sorted(sira_server.worker_pids()) == workers
+    assert "Hang up" not in sira_server.log()
+
+
+def test_no_gunicorn_control_socket_is_opened(sira_server):
+    assert "Control socket listening" not in sira_server.log()
