@@ -12,7 +12,7 @@ import onnxruntime as ort
 import pytest
 
 from app.features import FeatureSpec, decide
-from app.scoring import ModelLoadError, ModelRunner, ModelSpecMismatch, make_session_options
+from app.scoring import ModelLoadError, ModelRunner, ModelSpecMismatch, logit, make_session_options
 from workers.demo.train import generate_transactions
 
 DEMO = Path(__file__).resolve().parents[2] / "workers" / "demo"
@@ -181,7 +181,7 @@ def test_explain_score_equals_plain_score(runner, spec, sample_rows):
         assert score == runner.score_row(row)
 
 
-def test_attribution_is_score_minus_score_at_baseline(runner, spec):
+def test_attribution_is_log_odds_minus_log_odds_at_baseline(runner, spec):
     row = row_of(spec, TAKEOVER)
     score, top = runner.explain_row(row, top_k=len(spec))
     baseline = spec.baseline_row()
@@ -189,7 +189,7 @@ def test_attribution_is_score_minus_score_at_baseline(runner, spec):
     for i, name in enumerate(spec.names):
         occluded = row.copy()
         occluded[i] = baseline[i]
-        expected[name] = round(score - runner.score_row(occluded), 4)
+        expected[name] = round(logit(score) - logit(runner.score_row(occluded)), 4)
     assert top, "a takeover event has non-zero attributions"
     for item in top:
         assert item["importance"] == pytest.approx(expected[item["feature"]], abs=1e-4)
@@ -278,3 +278,13 @@ def test_importances_are_plain_rounded_floats(runner, spec):
         assert type(item["importance"]) is float
         assert math.isfinite(item["importance"])
         assert item["importance"] == round(item["importance"], 4)
+
+
+def test_a_blocked_payment_still_gets_a_telling_explanation(runner, spec):
+    """Near a score of 1.0 probability differences vanish; log-odds keep the drivers visible."""
+    row = row_of(spec, event(amount=4800.0, amount_avg_30d=60.0, account_age_days=1, txn_count_24h=25,
+                             hour_of_day=3, payment_method="crypto", ip_country_mismatch=1,
+                             failed_logins_24h=5, is_new_device=1, distinct_cards_7d=6))
+    score, top = runner.explain_row(row)
+    assert score > 0.999
+    assert len(top) >= 3 and all(abs(item["importance"]) >= 0.1 for item in top[:3])
