@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
-
 from app.config import ModelFile
 from app.features import FeatureSpec
 from app.scoring import ModelRunner
@@ -35,8 +33,9 @@ class ServingModel:
         self.runner.smoke_check()
         self.threshold = float(model_file.threshold)
         self.loaded_at = time.time()
-        # One reusable input row: a worker runs one request at a time on its event loop.
-        self.row = np.zeros(len(self.spec), dtype=np.float32)
+        # The runner's own input buffer: features are built straight into the tensor the session
+        # reads (no copy). Safe to reuse: a worker scores one request at a time on its event loop.
+        self.row = self.runner.input_row
 
 
 class ModelTable:
