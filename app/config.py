@@ -34,3 +34,11 @@ class AppConfig:
     authenticator: Any  # app.auth.Authenticator
     max_body_bytes: int = 1_048_576
     batch_max: int = 256
+    cache_segment: str | None = None  # the master's prediction cache (app/cache.py); None: off
+    database_url: str | None = None  # the workers' lazily opened pool (app/db.py); None: admin API answers 503
+    prediction_log: Any = None  # app.predlog.PredictionLogConfig (rings, spool); None: predictions not logged
+    # The supervisor's control block (app/model_swap.py): when set, the workers serve its model
+    # table and model_files / expected_products are not used.
+    control_segment: str | None = None
+    models_in_use_dir: str | None = None  # where each worker lists the model files it holds
+    metrics_port: int | None = None  # METRICS_BIND's port: only /metrics, /healthz, /readyz there

@@ -16,25 +16,37 @@ class HealthResource:
 
 
 class ReadyResource:
-    """Readiness: 503 until this worker has a production model for every product of the registry."""
+    """Readiness: 503 until this worker has a production model for every product of the registry.
+
+    With the supervisor (app/model_swap.py) that waits for its first generation; a product whose
+    new model fails to go live keeps serving its current one, so the worker stays ready.
+    """
 
     def __init__(self, models: ModelTable):
         self.models = models
 
     async def on_get(self, req, resp):
-        missing = self.models.missing_products()
-        if missing or not self.models.expected_products:
+        models = self.models
+        models.refresh()
+        missing = models.missing_products()
+        waiting = models.waiting_reason()
+        if waiting or missing or not models.expected_products:
+            reason = waiting or "no production model loaded for " + (", ".join(missing) or "any product")
             raise ServiceUnavailable(
-                "not ready: no production model loaded for " + (", ".join(missing) or "any product"),
-                {"ready": False, "missing_products": missing, "load_errors": self.models.load_errors},
+                "not ready: " + reason,
+                {"ready": False, "generation": models.generation(), "missing_products": missing,
+                 "load_errors": models.load_errors},
                 {"Retry-After": "1"},
             )
         resp.media = {
             "ready": True,
             "worker_pid": os.getpid(),
+            "generation": models.generation(),
             "models": {
-                product: {"model_id": model.model_id, "version": model.version, "role": model.role}
-                for product, model in sorted(self.models.production.items())
+                product: {"model_id": model.model_id, "version": model.version, "role": model.role,
+                          "loaded_at": models.loaded_at(model.model_id)}
+                for product, model in sorted(models.production.items())
             },
+            "load_errors": models.load_errors,
             "timestamp": utc_timestamp(),
         }

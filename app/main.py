@@ -10,12 +10,20 @@ import falcon.media
 import orjson
 
 from app.auth import AuthMiddleware
+from app.cache import PredictionCache
 from app.config import AppConfig
+from app.db import Database
 from app.errors import CODE_BY_STATUS, ApiError, error_body
 from app.health import HealthResource, ReadyResource
 from app.infer import BatchInferResource, InferResource
+from app.metrics import install_metrics
+from app.openapi import install_api_docs
 from app.middleware import RequestIdMiddleware
+from app.model_swap import LiveModelTable
 from app.models import ModelTable
+from app.models_api import ModelPromoteResource, ModelsResource
+from app.predictions import PredictionResource
+from app.predlog import open_prediction_log
 
 log = logging.getLogger("sira.app")
 
@@ -37,6 +45,7 @@ async def render_error(req, resp, exc, params):
     else:
         log.exception("unhandled error on %s %s (request %s)", req.method, req.path, request_id)
         status, code, message, details = 500, "INTERNAL_ERROR", "internal error", {}
+    req.context.error_code = code  # the error_type of the request's metrics (app/metrics.py)
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps(error_body(code, message, request_id, details))
@@ -46,10 +55,13 @@ def json_handler() -> falcon.media.JSONHandler:
     return falcon.media.JSONHandler(dumps=orjson.dumps, loads=orjson.loads)
 
 
-def create_app(config: AppConfig) -> falcon.asgi.App:
+def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi.App:
     """Build the app in the worker process: models are loaded here, once, never per request."""
-    models = ModelTable(config.expected_products)
-    models.load(config.model_files)
+    if config.control_segment:  # sira serve: the supervisor's generations, swapped per request
+        models = LiveModelTable.attach(config.control_segment, config.models_in_use_dir)
+    else:
+        models = ModelTable(config.expected_products)
+        models.load(config.model_files)
 
     app = falcon.asgi.App(
         middleware=[RequestIdMiddleware(), AuthMiddleware(config.authenticator)],
@@ -64,6 +76,18 @@ def create_app(config: AppConfig) -> falcon.asgi.App:
 
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(models))
-    app.add_route("/v1/infer", InferResource(models, config.max_body_bytes))
-    app.add_route("/v1/infer/batch", BatchInferResource(models, config.max_body_bytes, config.batch_max))
+    cache = PredictionCache.attach(config.cache_segment) if config.cache_segment else None
+    # this worker's ring of the prediction log; a middleware for its lifespan (seals spill files)
+    prediction_log = open_prediction_log(config.prediction_log, worker_slot)
+    app.add_middleware(prediction_log)
+    app.add_route("/v1/infer", InferResource(models, config.max_body_bytes, cache, prediction_log))
+    app.add_route("/v1/infer/batch", BatchInferResource(models, config.max_body_bytes, config.batch_max, cache,
+                                                        prediction_log))
+    database = Database(config.database_url)  # opened on first use, closed at lifespan shutdown
+    app.add_middleware(database)
+    app.add_route("/v1/models", ModelsResource(database, models))
+    app.add_route("/v1/models/{model_id}/promote", ModelPromoteResource(database, models))
+    app.add_route("/v1/infer/{prediction_id}", PredictionResource(prediction_log, database))
+    install_metrics(app, models, cache, config.metrics_port)  # /metrics and the request counters
+    install_api_docs(app, config, models)  # /openapi.json and /docs: the app's routes, the served payloads
     return app

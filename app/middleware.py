@@ -6,6 +6,8 @@ import itertools
 import os
 import re
 
+from conf.logs import REQUEST_ID
+
 SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 
 
@@ -26,6 +28,7 @@ class RequestIdMiddleware:
             req.context.request_id = given
         else:
             req.context.request_id = self.prefix + str(next(self.counter))
+        REQUEST_ID.set(req.context.request_id)  # every log line of this request carries it
 
     async def process_response(self, req, resp, resource, req_succeeded):
         request_id = getattr(req.context, "request_id", None)

@@ -63,3 +63,18 @@ class ModelTable:
 
     def missing_products(self) -> list[str]:
         return [product for product in self.expected_products if product not in self.production]
+
+    # A table loaded once from files; app/model_swap.LiveModelTable follows the supervisor instead.
+
+    def refresh(self) -> None:
+        """Nothing to follow."""
+
+    def generation(self) -> int | None:
+        return None
+
+    def loaded_at(self, model_id: str) -> str | None:
+        return None
+
+    def waiting_reason(self) -> str | None:
+        """Why the table cannot be ready yet (beyond missing products), or None."""
+        return None

@@ -19,6 +19,7 @@ import onnxruntime as ort
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from app.features import FeatureSpec
+from app.shared_weights import MappedWeights, SharedFormError, is_shared_form, open_shared_session
 
 # What onnxruntime raises for a file it cannot load; they derive from Exception directly.
 _ORT_LOAD_ERRORS = (
@@ -66,7 +67,8 @@ class ModelRunner:
     def __init__(self, model_path: str | os.PathLike, spec: FeatureSpec):
         self.model_path = os.fspath(model_path)
         self.spec = spec
-        self._session = _open_session(self.model_path)
+        # A shared-form graph's weights are pages of a mapped file: they live as long as the runner.
+        self._session, self._shared_weights = _open_session(self.model_path)
         n_features = len(spec)
         n_classes = _check_model_matches_spec(self._session, spec, self.model_path)
         self._positive = spec.positive_class_index
@@ -176,12 +178,18 @@ class ModelRunner:
         return score
 
 
-def _open_session(model_path: str) -> ort.InferenceSession:
-    """The session with our options, or a ModelLoadError that says which file and why."""
+def _open_session(model_path: str) -> tuple[ort.InferenceSession, MappedWeights | None]:
+    """The session with our options, or a ModelLoadError that says which file and why.
+
+    A shared-form graph (app/shared_weights.py) gets its weights from the mapped weights file, so
+    every worker holds the same pages; any other model loads the plain way.
+    """
     try:
+        if is_shared_form(model_path):
+            return open_shared_session(model_path, make_session_options())
         return ort.InferenceSession(model_path, sess_options=make_session_options(),
-                                    providers=["CPUExecutionProvider"])
-    except _ORT_LOAD_ERRORS as exc:
+                                    providers=["CPUExecutionProvider"]), None
+    except _ORT_LOAD_ERRORS + (SharedFormError,) as exc:
         raise ModelLoadError(f"cannot load ONNX model {model_path}: {exc}") from exc
 
 

@@ -113,6 +113,16 @@ def parse_log_level(value: str) -> str:
     return level
 
 
+def parse_switch(value: str) -> bool:
+    """on/off, true/false, yes/no, 1/0 (any case)."""
+    word = value.strip().lower()
+    if word in {"on", "true", "yes", "1"}:
+        return True
+    if word in {"off", "false", "no", "0"}:
+        return False
+    raise ValueError(f"on or off, got {value!r}")
+
+
 def parse_text(value: str) -> str:
     return value
 
@@ -170,6 +180,14 @@ def parse_optional_file(value: str) -> str:
     return value
 
 
+def parse_ring_bytes(value: str) -> int:
+    """A queue ring size: a multiple of 64 from 64 KiB to 1 GiB (shm.ring's layout)."""
+    number = parse_bounded_int(64 * 1024, 1 << 30)(value)
+    if number % 64:
+        raise ValueError(f"a multiple of 64 from 65536 to 1073741824, got {value!r}")
+    return number
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("SIRA_DATA_DIR", "./var", parse_nonempty,
             "Folder for the embedded Postgres, the local model store, model files, pid files and the generated JWT secret."),
@@ -194,11 +212,21 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("CACHE_TTL_MS", "300000", parse_positive_int, "Time to live of a cached prediction, in milliseconds."),
     Setting("MODEL_POLL_INTERVAL_S", "30", parse_positive_float, "Seconds between two syncs of the model registry."),
     Setting("LOG_LEVEL", "info", parse_log_level, "debug, info, warning, error or critical."),
+    Setting("SIRA_ACCESS_LOG", "off", parse_switch,
+            "on: one JSON access log line per HTTP request (written after the response is sent)."),
+    Setting("METRICS_BIND", None, parse_bind,
+            "Optional HOST:PORT of an ops port that serves only /metrics, /healthz and /readyz (no token: restrict it to the scraper). /metrics is on SIRA_BIND too."),
     Setting("SIRA_BATCH_MAX", "256", parse_bounded_int(1, 10_000), "Most events in one POST /v1/infer/batch."),
     Setting("SIRA_MAX_BODY_BYTES", "1048576", parse_bounded_int(1024, 64 * 1024 * 1024), "Largest request body accepted (413 above)."),
     Setting("SIRA_KEEPALIVE_S", "5", parse_bounded_int(0, 3600), "Seconds an idle keep-alive connection stays open."),
     Setting("SIRA_GUNICORN_CONFIG", None, parse_optional_file,
             "Optional gunicorn config file (Python) for ops overrides; applied after SIRA's own settings."),
+    Setting("SIRA_QUEUE_RING_BYTES", "4194304", parse_ring_bytes,
+            "Bytes of each worker's prediction queue ring in /dev/shm (a multiple of 64). A full ring spills to the worker's overflow file under $SIRA_DATA_DIR/spool."),
+    Setting("SIRA_SPOOL_MAX_BYTES", "1073741824", parse_bounded_int(1024 * 1024, 1 << 50),
+            "Most bytes the prediction writer spools under $SIRA_DATA_DIR/spool while Postgres is away (logged as it fills); at the limit new predictions wait in the rings."),
+    Setting("SIRA_WRITER_BATCH_ROWS", "5000", parse_bounded_int(1, 100_000),
+            "Most prediction rows the writer sends to Postgres in one COPY and commit."),
 )
 
 SETTINGS_BY_ENV = {setting.env: setting for setting in SETTINGS}
@@ -224,10 +252,15 @@ class Settings:
     cache_ttl_ms: int
     model_poll_interval_s: float
     log_level: str
+    access_log: bool
+    metrics_bind: str | None
     batch_max: int
     max_body_bytes: int
     keepalive_s: int
     gunicorn_config: str | None
+    queue_ring_bytes: int
+    spool_max_bytes: int
+    writer_batch_rows: int
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -254,7 +287,14 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(f"{setting.env}: expected {exc}") from None
     if values["workers"] is None:
         values["workers"] = default_workers()
+    check_metrics_bind(values["bind"], values["metrics_bind"])
     return Settings(**values)
+
+
+def check_metrics_bind(bind: str, metrics_bind: str | None) -> None:
+    """The ops port must differ from SIRA_BIND's: the app tells the two apart by port."""
+    if metrics_bind is not None and metrics_bind.rpartition(":")[2] == bind.rpartition(":")[2]:
+        raise ConfigError(f"METRICS_BIND: expected a port other than SIRA_BIND's, got {metrics_bind!r}")
 
 
 def mask(setting: Setting, value: Any) -> str:

@@ -21,6 +21,9 @@ from typing import Callable
 from gunicorn import util
 from gunicorn.arbiter import Arbiter
 
+from conf.logs import set_process_role
+from workers.metrics import mark_process_dead
+
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # a sidecar that ran this long restarts with the first delay again
@@ -128,6 +131,7 @@ class SiraArbiter(Arbiter):
             for sock in self.LISTENERS:
                 sock.close()
             util._setproctitle(f"{sidecar.name} [{self.proc_name}]")
+            set_process_role(sidecar.name)  # the `process` field of its log lines
             code = sidecar.run()
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
@@ -153,6 +157,7 @@ class SiraArbiter(Arbiter):
         ran_for = time.monotonic() - sidecar.started_at
         if ran_for >= STABLE_AFTER_S:
             sidecar.backoff_s = BACKOFF_FIRST_S
+        mark_process_dead(sidecar.pid)  # its live gauges (queue depth...) leave /metrics
         sidecar.pid = 0
         sidecar.restarts += 1
         sidecar.next_start_at = time.monotonic() + sidecar.backoff_s

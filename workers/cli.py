@@ -1,4 +1,4 @@
-"""The `sira` command: serve, migrate, token, reload, config.
+"""The `sira` command: serve, migrate, token, reload, config, models (workers/models_cli.py).
 
 Exit codes: 0 done, 1 failed, 2 usage or configuration error (printed as one line before anything
 starts).
@@ -74,18 +74,39 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="print the effective settings, secrets masked",
                                  description="Print every setting, its effective value and where it came from.")
     config.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    from workers.models_cli import add_models_parser  # imported here: models_cli imports this module
+
+    add_models_parser(commands)
     return parser
 
 
-def configure_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def configure_logging(settings: Settings) -> None:
+    """JSON lines on stderr at LOG_LEVEL, secrets masked (conf/logs.py); children inherit it."""
+    from conf.logs import configure_logging as configure_json_logging, secret_values
+
+    configure_json_logging(settings.log_level, secret_values(settings))
+
+
+def check_key_files(settings: Settings) -> None:
+    """Every JWT_PUBLIC_KEYS file must hold a usable public key: checked before anything starts."""
+    from app.auth import load_public_key
+
+    for kid, path in settings.jwt_public_keys.items():
+        try:
+            load_public_key(path)
+        except ValueError as exc:
+            raise ConfigError(f"JWT_PUBLIC_KEYS: key {kid!r}: {exc}") from None
 
 
 def command_serve(settings: Settings, args: argparse.Namespace) -> int:
     from workers.database import open_database
-    from workers.master import serve
+    from workers.master import read_ops_config, serve
     from workers.migrate import apply_migrations
 
+    check_key_files(settings)
+    if settings.gunicorn_config:
+        read_ops_config(settings.gunicorn_config)  # a bad ops file stops us before anything starts
     if args.bind:
         settings = settings.replace(bind=args.bind)
     if args.workers:
@@ -189,12 +210,19 @@ def command_config(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def command_models(settings: Settings, args: argparse.Namespace) -> int:
+    from workers.models_cli import command_models as run_models_command
+
+    return run_models_command(settings, args)
+
+
 COMMANDS = {
     "serve": command_serve,
     "migrate": command_migrate,
     "token": command_token,
     "reload": command_reload,
     "config": command_config,
+    "models": command_models,
 }
 
 
@@ -214,11 +242,14 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sira: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    configure_logging(settings.log_level)
+    configure_logging(settings)
     try:
         return COMMANDS[args.command](settings, args)
     except UsageError as exc:
         print(f"sira {args.command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except ConfigError as exc:
+        print(f"sira: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK

@@ -1,30 +1,42 @@
 """`sira serve`: the gunicorn master run as our own BaseApplication.
 
 Before gunicorn starts, the master prepares everything the workers share: the database (embedded
-or DATABASE_URL), migrations, the demo model on a first start, verified local model files. Workers
-are forked afterwards and each builds its Falcon app (and its ONNX sessions) once.
+or DATABASE_URL), migrations, the demo model on a first start, the shared-memory segments (the
+control block among them). Workers are forked afterwards and each builds its Falcon app once; the
+supervisor sidecar (workers/supervisor.py) fetches and checks the models and publishes them in the
+control block, and the workers load them from there (app/model_swap.py).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import runpy
+import secrets
 import signal
 import sys
+from typing import Any
 
 import psycopg
 from gunicorn.app.base import BaseApplication
+from gunicorn.config import Config as GunicornConfig
 
 from app.auth import Authenticator, KeyRing
+from app.cache import cache_segment_name, shared_cache
 from app.config import AppConfig
 from conf.secrets import jwt_secret_or_generate
-from conf.settings import Settings
-from workers import registry
+from conf.logs import GunicornJsonLogger, access_log_enabled, set_process_role
+from conf.settings import ConfigError, Settings, check_metrics_bind
+from shm.control import ControlBlock
+from shm.segment import segment_name
 from workers.arbiter import Sidecar, SiraArbiter
 from workers.bootstrap import ensure_demo_model
-from workers.model_files import sync_production_files
-from workers.modelstore import LocalModelStore
-from workers.paths import MASTER_PIDFILE, MODELS_DIR, STORE_DIR, data_path
+from workers.modelstore import open_model_store
+from workers.metrics import mark_worker_dead, prepare_multiprocess_dir
+from workers.paths import MASTER_PIDFILE, MODELS_DIR, WRITER_PIDFILE, data_path
+from workers.supervisor import CONTROL_KIND, IN_USE_DIR, first_model_sync, supervisor_sidecar
+from workers.slots import assign_worker_slot, take_worker_slot
+from workers.writer import prediction_log_config, prediction_log_segments, writer_sidecar
 
 log = logging.getLogger("sira.master")
 
@@ -39,6 +51,12 @@ def block_stop_signals(server, worker) -> None:
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
 
 
+def set_up_new_worker(server, worker) -> None:
+    """gunicorn post_fork hook, in the new worker: stop signals held, prediction-log slot taken."""
+    block_stop_signals(server, worker)
+    take_worker_slot(server, worker)
+
+
 def unblock_stop_signals_once_running(worker) -> None:
     """gunicorn post_worker_init hook: unblock as the worker's event loop's first act."""
     worker.loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -51,15 +69,37 @@ def build_authenticator(settings: Settings) -> Authenticator:
                          issuer=settings.jwt_issuer, audience=settings.jwt_audience)
 
 
-def prepare_models(settings: Settings, dsn: str) -> tuple[list, list[str]]:
-    """Demo model on first start, then verified local copies of every production model."""
-    store = LocalModelStore(data_path(settings.data_dir, STORE_DIR))
+def prepare_models(settings: Settings, dsn: str) -> None:
+    """The demo model on a first start, and the folder of local model files.
+
+    The models themselves are fetched and checked by the supervisor's code: once in the master
+    before the fork (`first_model_sync`, so workers boot with them), then by the supervisor sidecar.
+    The master never loads a model (app/config.py).
+    """
     with psycopg.connect(dsn, autocommit=True) as conn:
-        ensure_demo_model(conn, store)
-        production = registry.production_models(conn)
-        products = registry.registered_products(conn)
-    files = sync_production_files(store, production, data_path(settings.data_dir, MODELS_DIR))
-    return files, products
+        ensure_demo_model(conn, open_model_store(settings))
+    os.makedirs(data_path(settings.data_dir, MODELS_DIR, IN_USE_DIR), exist_ok=True)
+
+
+def read_ops_config(path: str) -> dict[str, Any]:
+    """The gunicorn settings an ops config file (SIRA_GUNICORN_CONFIG) sets, each checked by gunicorn.
+
+    A file that does not run, or sets a bad value, is a ConfigError (exit 2) naming the file.
+    Names that are not gunicorn settings (imports, helpers) are ignored, as gunicorn does.
+    """
+    try:
+        namespace = runpy.run_path(path)
+    except Exception as exc:  # whatever the file raises: it is the operator's file
+        raise ConfigError(f"SIRA_GUNICORN_CONFIG: {path} does not load ({type(exc).__name__}: {exc})") from None
+    probe, options = GunicornConfig(), {}
+    for name, value in namespace.items():
+        if name in probe.settings:
+            try:
+                probe.set(name, value)
+            except Exception as exc:  # gunicorn's validators raise ValueError or TypeError
+                raise ConfigError(f"SIRA_GUNICORN_CONFIG: {path} sets {name} to a bad value ({exc})") from None
+            options[name] = value
+    return options
 
 
 class SiraApplication(BaseApplication):
@@ -69,12 +109,15 @@ class SiraApplication(BaseApplication):
         self.settings = settings
         self.app_config = app_config
         self.sidecars = sidecars or []
+        self.worker_slot: int | None = None  # this worker's prediction-log ring, set after the fork
+        self.ops_options = read_ops_config(settings.gunicorn_config) if settings.gunicorn_config else {}
         super().__init__()
 
     def load_config(self) -> None:
         settings = self.settings
         options = {
-            "bind": [settings.bind],
+            # METRICS_BIND: a second listener of the same workers; app/metrics.py limits its paths.
+            "bind": [settings.bind] + ([settings.metrics_bind] if settings.metrics_bind else []),
             "workers": settings.workers,
             "worker_class": "asgi",
             "asgi_loop": "uvloop",
@@ -83,22 +126,26 @@ class SiraApplication(BaseApplication):
             "pidfile": data_path(settings.data_dir, MASTER_PIDFILE),
             "proc_name": "sira",
             "loglevel": settings.log_level.lower(),
-            "accesslog": None,
+            # JSON lines through the root handler (conf/logs.py); the access log only when asked.
+            "logger_class": GunicornJsonLogger,
+            "accesslog": "-" if access_log_enabled(settings.access_log, settings.log_level) else None,
             "graceful_timeout": 30,
             "timeout": 30,
             "limit_request_line": 8190,
             "limit_request_fields": 100,
             "limit_request_field_size": 16384,
-            "post_fork": block_stop_signals,
+            "pre_fork": assign_worker_slot,
+            "post_fork": set_up_new_worker,
             "post_worker_init": unblock_stop_signals_once_running,
+            "child_exit": mark_worker_dead,  # its live gauges leave /metrics; its counters stay
             # `sira reload` is the control interface; gunicorn's control socket would add a thread
             # to the master (forks happen beside it) and one shared socket path for every instance.
             "control_socket_disable": True,
         }
         for name, value in options.items():
             self.cfg.set(name, value)
-        if settings.gunicorn_config:
-            self.load_config_from_file(settings.gunicorn_config)
+        for name, value in self.ops_options.items():
+            self.cfg.set(name, value)
 
     def run(self):
         """gunicorn's BaseApplication.run, with SIRA's arbiter (sidecars, SIGHUP as a model re-sync)."""
@@ -112,18 +159,35 @@ class SiraApplication(BaseApplication):
         """Runs in each worker after the fork: only here may onnxruntime be imported (app/config.py)."""
         from app.main import create_app
 
-        return create_app(self.app_config)
+        return create_app(self.app_config, worker_slot=self.worker_slot)
 
 
 def serve(settings: Settings, dsn: str) -> None:
     """Prepare shared state, then hand the process to gunicorn's arbiter until it stops."""
+    set_process_role("master")
+    check_metrics_bind(settings.bind, settings.metrics_bind)  # --bind may have moved SIRA_BIND
     os.makedirs(data_path(settings.data_dir), exist_ok=True)
-    model_files, products = prepare_models(settings, dsn)
+    prepare_multiprocess_dir(settings.data_dir)  # before anything forks: every child inherits it
+    prepare_models(settings, dsn)
+    instance_id = f"{os.getpid()}_{secrets.token_hex(4)}"  # names this serve's shm segments
+    control_segment = segment_name(instance_id, CONTROL_KIND)
     app_config = AppConfig(
-        model_files=model_files,
-        expected_products=products,
+        model_files=[],  # the workers serve the supervisor's generations (control_segment)
+        expected_products=[],
+        control_segment=control_segment,
+        models_in_use_dir=data_path(settings.data_dir, MODELS_DIR, IN_USE_DIR),
         authenticator=build_authenticator(settings),
         max_body_bytes=settings.max_body_bytes,
         batch_max=settings.batch_max,
+        cache_segment=cache_segment_name(instance_id, settings.cache_max_items),
+        database_url=dsn,
+        prediction_log=prediction_log_config(settings, dsn, instance_id),
+        metrics_port=int(settings.metrics_bind.rpartition(":")[2]) if settings.metrics_bind else None,
     )
-    SiraApplication(settings, app_config).run()
+    writer = writer_sidecar(app_config.prediction_log, data_path(settings.data_dir, WRITER_PIDFILE))
+    supervisor = supervisor_sidecar(settings, dsn, control_segment)
+    with ControlBlock.create(control_segment) as control, \
+            shared_cache(app_config.cache_segment, settings.cache_max_items, settings.cache_ttl_ms), \
+            prediction_log_segments(app_config.prediction_log):
+        first_model_sync(settings, dsn, control)  # workers boot with the models; the supervisor goes on
+        SiraApplication(settings, app_config, [supervisor, writer]).run()

@@ -37,7 +37,9 @@ def test_first_start_registers_the_demo_model_once(server_factory, fresh_db):
     assert ready["ready"] is True and "fraud_score" in ready["models"]
     first.stop()
     second = server_factory(workers=1)
-    assert httpx.get(second.url + "/readyz").json()["models"] == ready["models"]
+    served = httpx.get(second.url + "/readyz").json()["models"]
+    assert served["fraud_score"]["model_id"] == ready["models"]["fraud_score"]["model_id"]
+    assert served["fraud_score"]["loaded_at"] > ready["models"]["fraud_score"]["loaded_at"]  # loaded anew
     with psycopg.connect(fresh_db) as conn:
         rows = conn.execute("SELECT product, status FROM siramodel_registry").fetchall()
     assert rows == [("fraud_score", "production")]
@@ -45,13 +47,15 @@ def test_first_start_registers_the_demo_model_once(server_factory, fresh_db):
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_stops_cleanly_leaving_no_process_or_segment(server_factory, sig):
-    before = sira_segments()
     server = server_factory(workers=2)
     tree = process_tree(server.master_pid)
     assert len(tree) >= 3
+    # This instance's segments (named after its master's pid): other servers may run beside it.
+    own = {name for name in sira_segments() if name.startswith(f"sira-{server.master_pid}_")}
+    assert {name.rsplit("-", 1)[1] for name in own} >= {"control", "cache"}
     assert server.stop(sig) == 0
     assert server.leftover_pids(tree) == []
-    assert sira_segments() <= before
+    assert sira_segments() & own == set()
     assert not os.path.exists(os.path.join(server.data_dir, "sira.pid"))
 
 
@@ -96,3 +100,26 @@ def test_sighup_does_not_restart_workers(sira_server):
 
 def test_no_gunicorn_control_socket_is_opened(sira_server):
     assert "Control socket listening" not in sira_server.log()
+
+
+def test_gunicorn_config_file_overrides_for_ops(server_factory, tmp_path):
+    config = tmp_path / "gunicorn_ops.py"
+    config.write_text("workers = 1\ngraceful_timeout = 10\n")
+    server = server_factory(workers=3, SIRA_GUNICORN_CONFIG=str(config))
+    assert len(server.worker_pids()) == 1
+
+
+@pytest.mark.parametrize("content", ["workers = (\n", "workers = 'many'\n", "raise RuntimeError('no')\n"])
+def test_broken_gunicorn_config_file_stops_sira_before_serving(tmp_path, fresh_db, content):
+    config = tmp_path / "broken.py"
+    config.write_text(content)
+    port = free_port()
+    env = sira_env(SIRA_DATA_DIR=str(tmp_path / "data"), SIRA_BIND=f"127.0.0.1:{port}", DATABASE_URL=fresh_db,
+                   SIRA_GUNICORN_CONFIG=str(config))
+    from tests.fixtures.server import run_sira
+
+    result = run_sira("serve", env=env, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "SIRA_GUNICORN_CONFIG" in result.stderr and "broken.py" in result.stderr
+    assert not (tmp_path / "data").exists(), "nothing may start before the ops config is checked"

@@ -1,0 +1,187 @@
+"""The worker's models follow the supervisor's generation: checked on every request, swapped in place.
+
+The supervisor (workers/supervisor.py) publishes a model table in the control block
+(shm/control.py) and bumps its generation. ``LiveModelTable.get``, which every request calls
+before it scores, compares that generation with the one this worker applied: one 8-byte load,
+a few hundred nanoseconds. When it moved, the worker builds sessions over the new files (only for
+models that changed), then serves with them; a request that already holds a ``ServingModel``
+finishes on it, since nothing is mutated, only the table's dict replaced. No download ever
+happens here: the supervisor has put and checked every file before publishing.
+
+A model that fails to load in this worker leaves the product on the model it had (the error is
+logged and shown by /readyz) until the next generation. Readiness (app/health.py): every product
+of the table (each has a production model in the registry) has a model in this worker; a product
+whose production model never went live (its slot is empty) keeps the worker at 503.
+
+Files in use: before it opens any file of a table, the worker lists the files it holds and the
+files it is about to open in ``<in_use_dir>/<pid>`` (one base name per line), then re-reads the
+generation; only if it has not moved does it go on, else it starts over with the newer table.
+The supervisor publishes first and reads these lists after, before removing files, so it never
+removes a file a worker holds or is about to open.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as _dt
+import json
+import logging
+import os
+
+from app.config import ModelFile
+from app.metrics import set_model_generation, set_models_loaded
+from app.models import ModelTable, ServingModel
+from shm.control import ControlBlock, ModelSlot, ProductEntry
+from shm.segment import SegmentError
+
+log = logging.getLogger("sira.models")
+
+
+class LiveModelTable(ModelTable):
+    """product -> production ServingModel, following the control block's generation.
+
+    Not thread safe: one per worker, used from its event loop.
+    """
+
+    def __init__(self, control: ControlBlock, in_use_dir: str | None = None):
+        super().__init__([])
+        self.control = control
+        self.in_use_dir = in_use_dir
+        self.applied_generation = -1  # the generation this worker serves; -1: none read yet
+        self.slots: dict[str, ModelSlot] = {}  # product -> the slot of the model served
+        self.table: dict[str, ProductEntry] = {}  # the published table, as last applied
+        self._published_generation = control.generation  # bound once: the per-request check
+        self._recorded: frozenset[str] | None = None
+        self.refresh()
+
+    @classmethod
+    def attach(cls, control_segment: str, in_use_dir: str | None = None) -> LiveModelTable:
+        """In a worker: map the master's control block read-only and load its current table."""
+        return cls(ControlBlock.attach(control_segment, readonly=True), in_use_dir)
+
+    # the request path ------------------------------------------------------------------------
+
+    def get(self, product: str) -> ServingModel | None:
+        if self._published_generation() != self.applied_generation:
+            self.swap()
+        return self.production.get(product)
+
+    def refresh(self) -> None:
+        """Swap now if the supervisor published a generation this worker has not applied."""
+        if self._published_generation() != self.applied_generation:
+            self.swap()
+
+    # swapping --------------------------------------------------------------------------------
+
+    def swap(self) -> None:
+        """Apply the current table: new sessions for changed models, the rest kept as they are."""
+        try:
+            generation, table = self.read_table_recording_files()
+        except (SegmentError, OSError) as exc:
+            # Keep serving what we have; try again when the supervisor publishes again.
+            self.applied_generation = self._published_generation()
+            log.error("cannot read the model table (generation %d): %s", self.applied_generation, exc)
+            return
+        production: dict[str, ServingModel] = {}
+        slots: dict[str, ModelSlot] = {}
+        errors: dict[str, str] = {}
+        for product, entry in table.items():
+            if entry.production is None:
+                continue
+            try:
+                production[product] = self.model_for(product, entry.production)
+                slots[product] = entry.production
+            except Exception as exc:  # any load failure keeps the product on the model it had
+                errors[product] = f"{type(exc).__name__}: {exc}"
+                log.error("model %s for %s failed to load in worker %d: %s",
+                          entry.production.model_id, product, os.getpid(), exc)
+                if product in self.production:
+                    production[product], slots[product] = self.production[product], self.slots[product]
+        self.production, self.slots, self.load_errors, self.table = production, slots, errors, table
+        self.expected_products = sorted(table)  # each has a production model in the registry
+        self.applied_generation = generation
+        self.record_files_in_use(files_of(slots.values()))
+        set_models_loaded(len(production))
+        set_model_generation(generation)
+        log.info("worker %d serves model generation %d: %s", os.getpid(), generation,
+                 ", ".join(f"{p}={s.model_id}" for p, s in sorted(slots.items())) or "no model")
+
+    def model_for(self, product: str, slot: ModelSlot) -> ServingModel:
+        """The ServingModel for a slot: the one held when it is the same model, else a new one."""
+        held, held_slot = self.production.get(product), self.slots.get(product)
+        if held is not None and held_slot is not None and same_files(held_slot, slot):
+            if (held.threshold, held.version) != (slot.threshold, slot.version):
+                held = copy.copy(held)  # same session; the old object stays as in-flight requests saw it
+                held.threshold, held.version = float(slot.threshold), slot.version
+            return held
+        return ServingModel(model_file_for(product, slot))
+
+    def read_table_recording_files(self) -> tuple[int, dict[str, ProductEntry]]:
+        """A table whose files this worker listed as in use before the supervisor could remove them."""
+        while True:
+            generation, table = self.control.read_table()
+            upcoming = [entry.production for entry in table.values() if entry.production]
+            self.record_files_in_use(files_of(self.slots.values()) | files_of(upcoming))
+            if self._published_generation() == generation:
+                return generation, table
+
+    def record_files_in_use(self, names: frozenset[str]) -> None:
+        """Replace this worker's list of files in use (atomically; only when it changed)."""
+        if self.in_use_dir is None or names == self._recorded:
+            return
+        path = os.path.join(self.in_use_dir, str(os.getpid()))
+        tmp_path = f"{path}.tmp"
+        try:
+            with open(tmp_path, "w", encoding="utf-8") as handle:
+                handle.write("".join(f"{name}\n" for name in sorted(names)))
+            os.replace(tmp_path, path)
+        except OSError as exc:  # serving comes first; the files may then be removed under us
+            log.warning("cannot list the model files in use in %s: %s", path, exc)
+            return
+        self._recorded = names
+
+    # what /readyz and GET /v1/models show ----------------------------------------------------
+
+    def generation(self) -> int | None:
+        """The generation this worker serves; None before the supervisor's first one."""
+        return self.applied_generation if self.applied_generation > 0 else None
+
+    def loaded_at(self, model_id: str) -> str | None:
+        """When the supervisor put this model live on this instance (ISO 8601 UTC), if it serves."""
+        for slot in self.slots.values():
+            if slot.model_id == model_id:
+                return iso_utc(slot.loaded_at)
+        return None
+
+    def waiting_reason(self) -> str | None:
+        """Why this worker cannot be ready yet, or None."""
+        if self.applied_generation <= 0:
+            return "waiting for the supervisor's first model generation"
+        return None
+
+
+def same_files(a: ModelSlot, b: ModelSlot) -> bool:
+    """Two slots of the same model over the same files: the session can stay."""
+    return (a.model_id, a.path, a.spec_path) == (b.model_id, b.path, b.spec_path)
+
+
+def model_file_for(product: str, slot: ModelSlot) -> ModelFile:
+    """The ModelFile of a published slot, its feature spec read from the slot's spec file."""
+    with open(slot.spec_path, encoding="utf-8") as handle:
+        spec = json.load(handle)
+    return ModelFile(model_id=slot.model_id, name=str(spec.get("name", product)), version=slot.version,
+                     product=product, path=slot.path, spec=spec, threshold=slot.threshold)
+
+
+def files_of(slots) -> frozenset[str]:
+    """Base names of the files of some slots (the weights file shares its graph's name stem)."""
+    names = set()
+    for slot in slots:
+        names.add(os.path.basename(slot.path))
+        names.add(os.path.basename(slot.spec_path))
+    return frozenset(names)
+
+
+def iso_utc(unix_time: float) -> str:
+    moment = _dt.datetime.fromtimestamp(unix_time, _dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{moment.microsecond // 1000:03d}Z"

@@ -1,0 +1,584 @@
+"""The OpenAPI 3.1 document of every endpoint (GET /openapi.json) and a docs page that renders it (GET /docs).
+
+The document is built in Python from the same constants the server checks with (product pattern,
+event id length, timeout bound, SIRA_BATCH_MAX, error codes), and only for the routes the app
+really has: ``OPERATIONS`` describes each route, the app's router (``falcon.inspect``) says which
+exist. A route without a description is left out of the document and logged, and
+``tests/e2e/test_openapi.py`` fails on it; schemathesis checks the document against a live server.
+
+Both endpoints are public, like /healthz.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+from typing import Any, Callable
+
+import falcon
+import falcon.inspect
+import orjson
+
+from app.docs import DOCS_HTML
+from app.errors import ApiError
+from app.features import MAX_CATEGORY_LENGTH
+from app.requests import EVENT_ID_MAX, PRODUCT_PATTERN, TIMEOUT_MS_MAX
+from workers.registry import PROMOTION_TARGETS, STATUSES
+
+log = logging.getLogger("sira.openapi")
+
+OPENAPI_VERSION = "3.1.0"
+JSON = "application/json"
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+REQUEST_ID_HEADER = {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}}
+# The part of "printable" a pattern can state portably; the `printable` format names the whole rule.
+NO_CONTROL_CHARACTERS = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
+PUBLIC: list = []  # an operation's `security` when it needs no token
+ROLES_INFER = "sira_service, fraud_analyst (or the internal service token)"
+ROLES_ML_OPS = "ml_ops (or the internal service token)"
+ROLES_PREDICTIONS = "sira_service, fraud_analyst, ml_ops (or the internal service token)"
+
+
+def service_version() -> str:
+    try:
+        return importlib.metadata.version("sira")
+    except importlib.metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def error_codes() -> list[str]:
+    """Every error_code the server can answer (app.errors and its subclasses elsewhere)."""
+    codes, todo = set(), list(ApiError.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        codes.add(cls.code)
+    return sorted(codes)
+
+
+# -- schemas ----------------------------------------------------------------------------------------
+
+def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
+    """The components; `specs` maps each served product to its model's FeatureSpec."""
+    explanation_item = {
+        "type": "object",
+        "required": ["feature", "importance"],
+        "additionalProperties": False,
+        "properties": {
+            "feature": {"type": "string"},
+            "importance": {"type": "number",
+                           "description": "Signed attribution in log-odds: positive pushes toward fraud."},
+        },
+    }
+    infer_request = {
+        "type": "object",
+        "required": ["event_id", "product", "payload"],
+        "description": "One payment event. Unknown top-level fields are ignored.",
+        "properties": {
+            "event_id": {"type": "string", "minLength": 1, "maxLength": EVENT_ID_MAX, "format": "printable",
+                         "pattern": NO_CONTROL_CHARACTERS,
+                         "description": f"The client's id of the event: 1 to {EVENT_ID_MAX} printable characters "
+                                        "(Python's str.isprintable: no control, format, private-use or unassigned "
+                                        "character, no separator but the space; the pattern states the control "
+                                        "characters). It also picks the canary bucket, so an event always meets "
+                                        "the same model."},
+            "product": {"type": "string", "pattern": PRODUCT_PATTERN.pattern.join(("^", "$")),
+                        "description": "Which model scores the event, e.g. fraud_score (404 MODEL_NOT_FOUND when "
+                                       "no model serves it)."},
+            "payload": {"type": "object",
+                        "description": "The event's fields, checked against the product model's feature spec "
+                                       "(400 FEATURE_VALIDATION_FAILED naming the field otherwise). fraud_score "
+                                       "needs amount, currency, country, payment_method; optional numbers go in "
+                                       "`features`. Unknown fields are ignored.",
+                        "examples": [{"amount": 150.5, "currency": "USD", "country": "US", "payment_method": "card",
+                                      "features": {"hour_of_day": 14, "is_weekend": 0}}]},
+            "options": {
+                "type": ["object", "null"],
+                "additionalProperties": False,
+                "properties": {
+                    "include_explanation": {"type": "boolean", "default": True},
+                    "enable_cache": {"type": "boolean", "default": True,
+                                     "description": "false: neither read nor fill the shared prediction cache."},
+                    "timeout_ms": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": TIMEOUT_MS_MAX,
+                                   "description": "A request that took longer gets 504 INFERENCE_TIMEOUT."},
+                },
+            },
+        },
+    }
+    prediction = {
+        "type": "object",
+        "required": ["prediction_id", "model_id", "model_role", "score", "decision", "explain_summary",
+                     "latency_ms", "cached"],
+        "additionalProperties": False,
+        "properties": {
+            "prediction_id": {"type": "string", "format": "uuid"},
+            "model_id": {"type": "string"},
+            "model_role": {"type": "string", "enum": ["production", "canary"]},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "decision": {"$ref": "#/components/schemas/Decision"},
+            "explain_summary": {"type": "array", "items": explanation_item, "maxItems": 5,
+                                "description": "Top features by attribution; empty when include_explanation is false."},
+            "latency_ms": {"type": "number", "minimum": 0, "description": "Server-side time to answer."},
+            "cached": {"type": "boolean", "description": "Answered from the shared prediction cache."},
+        },
+    }
+    logged_prediction = {
+        "type": "object",
+        "required": ["prediction_id", "model_id", "event_id", "product", "score", "decision", "explain",
+                     "latency_ms", "model_role", "cached", "request_id", "created_at"],
+        "additionalProperties": False,
+        "properties": {
+            "prediction_id": {"type": "string", "format": "uuid"},
+            "model_id": {"type": "string"},
+            "event_id": {"type": "string"},
+            "product": {"type": "string"},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "decision": {"$ref": "#/components/schemas/Decision"},
+            "explain": {"type": ["array", "null"], "items": explanation_item},
+            "latency_ms": {"type": "number", "minimum": 0},
+            "model_role": {"type": "string", "enum": ["production", "canary"]},
+            "cached": {"type": "boolean"},
+            "request_id": {"type": ["string", "null"]},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    }
+    model = {
+        "type": "object",
+        "required": ["model_id", "name", "version", "product", "status", "loaded_at", "threshold", "sha256",
+                     "size_bytes", "storage_key", "created_at", "updated_at"],
+        "additionalProperties": False,
+        "properties": {
+            "model_id": {"type": "string", "format": "uuid"},
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "product": {"type": "string"},
+            "status": {"type": "string", "enum": list(STATUSES)},
+            "loaded_at": {"type": ["string", "null"], "format": "date-time",
+                          "description": "When this instance started serving it; null when it does not."},
+            "threshold": {"type": "number"},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "size_bytes": {"type": "integer", "minimum": 0},
+            "storage_key": {"type": "string"},
+            "created_at": {"type": ["string", "null"], "format": "date-time"},
+            "updated_at": {"type": ["string", "null"], "format": "date-time"},
+        },
+    }
+    promoted_properties = {
+        "previous_status": {"type": "string", "enum": list(STATUSES)},
+        "archived_model_ids": {"type": "array", "items": {"type": "string", "format": "uuid"},
+                               "description": "Production models of the product archived by this promotion."},
+    }
+    promoted_model = dict(model, required=model["required"] + list(promoted_properties),
+                          properties=dict(model["properties"], **promoted_properties))
+    if specs:
+        infer_request["oneOf"] = [product_variant(product) for product in sorted(specs)] + [
+            {"properties": {"product": {"not": {"enum": sorted(specs)}}}}]
+    payloads = {payload_schema_name(product): payload_schema(spec) for product, spec in sorted(specs.items())}
+    return {
+        **payloads,
+        "Decision": {"type": "string", "enum": ["allow", "review", "block"],
+                     "description": "score >= threshold: block; score >= 0.7 * threshold: review; else allow."},
+        "Error": {
+            "type": "object",
+            "required": ["error_code", "message", "request_id", "timestamp", "details"],
+            "additionalProperties": False,
+            "properties": {
+                "error_code": {"type": "string", "enum": error_codes()},
+                "message": {"type": "string"},
+                "request_id": {"type": ["string", "null"]},
+                "timestamp": {"type": "string", "format": "date-time"},
+                "details": {"type": "object", "description": "e.g. the offending field."},
+            },
+        },
+        "InferRequest": infer_request,
+        "Prediction": prediction,
+        "BatchRequest": {
+            "type": "object",
+            "required": ["events"],
+            "properties": {
+                "events": {
+                    "type": "array", "minItems": 1, "maxItems": batch_max,
+                    "description": f"1 to {batch_max} InferRequest objects (SIRA_BATCH_MAX). An invalid item does "
+                                   "not fail the batch: it gets its own error entry in `results`.",
+                    "items": {"description": "An InferRequest; anything else gets an error entry.",
+                              "examples": [{"event_id": "evt-1", "product": "fraud_score",
+                                            "payload": {"amount": 12.5, "currency": "EUR", "country": "FR",
+                                                        "payment_method": "wallet"}}]},
+                },
+            },
+        },
+        "BatchResponse": {
+            "type": "object",
+            "required": ["results"],
+            "additionalProperties": False,
+            "properties": {
+                "results": {"type": "array", "description": "One entry per event, in request order.",
+                            "items": {"oneOf": [{"$ref": "#/components/schemas/Prediction"},
+                                                {"$ref": "#/components/schemas/Error"}]}},
+            },
+        },
+        "LoggedPrediction": logged_prediction,
+        "Model": model,
+        "PromotedModel": promoted_model,
+        "ModelList": {
+            "type": "object",
+            "required": ["models", "total", "generation"],
+            "additionalProperties": False,
+            "properties": {
+                "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+                "total": {"type": "integer", "minimum": 0},
+                "generation": {"type": ["integer", "null"],
+                               "description": "The model generation this worker serves; null before the first."},
+            },
+        },
+        "Health": {
+            "type": "object",
+            "required": ["ok", "service", "timestamp"],
+            "additionalProperties": False,
+            "properties": {"ok": {"const": True}, "service": {"type": "string"},
+                           "timestamp": {"type": "string", "format": "date-time"}},
+        },
+        "Ready": {
+            "type": "object",
+            "required": ["ready", "worker_pid", "generation", "models", "load_errors", "timestamp"],
+            "additionalProperties": False,
+            "properties": {
+                "ready": {"const": True},
+                "worker_pid": {"type": "integer"},
+                "generation": {"type": ["integer", "null"]},
+                "models": {"type": "object", "description": "product -> the model this worker serves for it.",
+                           "additionalProperties": {
+                               "type": "object", "required": ["model_id", "version", "role"],
+                               "properties": {"model_id": {"type": "string"}, "version": {"type": "string"},
+                                              "role": {"type": "string"},
+                                              "loaded_at": {"type": ["string", "null"]}}}},
+                "load_errors": {"type": "object", "additionalProperties": {"type": "string"}},
+                "timestamp": {"type": "string", "format": "date-time"},
+            },
+        },
+    }
+
+
+def payload_schema_name(product: str) -> str:
+    return f"Payload_{product}"
+
+
+def product_variant(product: str) -> dict:
+    """A served product's request: its payload follows that product's model."""
+    return {"properties": {"product": {"const": product},
+                           "payload": {"$ref": f"#/components/schemas/{payload_schema_name(product)}"}}}
+
+
+def payload_schema(spec: Any) -> dict:
+    """What app.features.FeatureSpec.build_row accepts, as JSON Schema.
+
+    `source` is a dotted path into the payload; a nested object may be absent or null, and must be
+    present when it holds a required feature. Numbers are JSON numbers within [min, max] (integral
+    where `integer`), categories strings of at most MAX_CATEGORY_LENGTH; a null or absent optional
+    value takes its default. Fields the spec does not name are ignored.
+    """
+    root = {"type": "object", "description": f"The payload of {spec.product} ({spec.name}).",
+            "properties": {}, "required": []}
+    for feature in spec.features:
+        *containers, key = feature.source.split(".")
+        node = root
+        for name in containers:
+            node = node["properties"].setdefault(name, {"type": ["object", "null"], "properties": {}, "required": []})
+            if feature.required:
+                node["type"] = "object"
+        node["properties"][key] = feature_schema(feature)
+        if feature.required:
+            node["required"].append(key)
+    required_containers(root)
+    return root
+
+
+def feature_schema(feature: Any) -> dict:
+    if feature.vocabulary:  # categorical
+        schema = {"type": "string", "maxLength": MAX_CATEGORY_LENGTH,
+                  "description": "Known values: " + ", ".join(feature.vocabulary[:-1]) + "; any other counts as "
+                                 + feature.vocabulary[-1] + "."}
+    else:
+        schema = {"type": "integer" if feature.integer else "number", "minimum": feature.lo,
+                  "maximum": feature.hi}
+    if not feature.required:
+        schema["type"] = [schema["type"], "null"]
+        schema["default"] = feature_default(feature)
+    return schema
+
+
+def feature_default(feature: Any) -> Any:
+    if feature.vocabulary:
+        return feature.vocabulary[int(feature.default)]
+    return int(feature.default) if feature.integer else feature.default
+
+
+def required_containers(node: dict) -> None:
+    """A nested object that holds a required feature is required itself; empty `required` lists go."""
+    for name, child in node["properties"].items():
+        if "properties" in child:
+            required_containers(child)
+            if child["type"] == "object" and name not in node["required"]:
+                node["required"].append(name)
+    if not node["required"]:
+        del node["required"]
+
+
+# -- operations --------------------------------------------------------------------------------------
+
+def error_response(description: str) -> dict:
+    return {"description": description, "headers": REQUEST_ID_HEADER, "content": {JSON: {"schema": ERROR_REF}}}
+
+
+def json_response(description: str, schema: dict) -> dict:
+    return {"description": description, "headers": REQUEST_ID_HEADER, "content": {JSON: {"schema": schema}}}
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+BODY_ERRORS = {
+    "400": error_response("INVALID_REQUEST (malformed JSON, a bad field) or FEATURE_VALIDATION_FAILED."),
+    "411": error_response("INVALID_REQUEST: no Content-Length."),
+    "413": error_response("PAYLOAD_TOO_LARGE: above SIRA_MAX_BODY_BYTES."),
+    "415": error_response("UNSUPPORTED_MEDIA_TYPE: the body must be application/json."),
+}
+AUTH_ERRORS = {
+    "401": error_response("UNAUTHORIZED: no token, or one that is invalid or expired."),
+    "403": error_response("FORBIDDEN: the token's role may not do this."),
+}
+ID_PARAMETER_DESCRIPTION = "A UUID such as 987f6543-e21c-34d5-b678-537625285111 (400 otherwise)."
+
+
+def path_parameter(name: str) -> dict:
+    return {"name": name, "in": "path", "required": True, "description": ID_PARAMETER_DESCRIPTION,
+            "schema": {"type": "string", "format": "uuid", "minLength": 36, "maxLength": 36}}
+
+
+def op_infer() -> dict:
+    return {
+        "operationId": "infer", "tags": ["scoring"], "summary": "Score one payment event",
+        "description": f"Roles: {ROLES_INFER}.",
+        "requestBody": {"required": True, "content": {JSON: {
+            "schema": ref("InferRequest"),
+            "examples": {"card": {"value": {"event_id": "evt-123", "product": "fraud_score",
+                                            "payload": {"amount": 150.5, "currency": "USD", "country": "US",
+                                                        "payment_method": "card",
+                                                        "features": {"hour_of_day": 14, "is_weekend": 0}}}}}}}},
+        "responses": {
+            "200": json_response("The score, decision and explanation.", ref("Prediction")),
+            **BODY_ERRORS, **AUTH_ERRORS,
+            "404": error_response("MODEL_NOT_FOUND: no model serves the product."),
+            "503": error_response("SERVICE_UNAVAILABLE: the prediction log cannot keep the prediction."),
+            "504": error_response("INFERENCE_TIMEOUT: slower than options.timeout_ms."),
+        },
+    }
+
+
+def op_infer_batch() -> dict:
+    return {
+        "operationId": "inferBatch", "tags": ["scoring"], "summary": "Score up to SIRA_BATCH_MAX events",
+        "description": f"Roles: {ROLES_INFER}. One model run per model; results in request order.",
+        "requestBody": {"required": True, "content": {JSON: {"schema": ref("BatchRequest")}}},
+        "responses": {
+            "200": json_response("One result per event: a prediction or that event's error.", ref("BatchResponse")),
+            **BODY_ERRORS, **AUTH_ERRORS,
+            "503": error_response("SERVICE_UNAVAILABLE: the prediction log cannot keep the predictions."),
+        },
+    }
+
+
+def op_get_prediction() -> dict:
+    return {
+        "operationId": "getPrediction", "tags": ["scoring"], "summary": "One logged prediction",
+        "description": f"Roles: {ROLES_PREDICTIONS}. Finds a prediction made a moment ago too.",
+        "parameters": [path_parameter("prediction_id")],
+        "responses": {
+            "200": json_response("The prediction as logged.", ref("LoggedPrediction")),
+            "400": error_response("INVALID_REQUEST: not a UUID."),
+            **AUTH_ERRORS,
+            "404": error_response("NOT_FOUND: no such prediction."),
+            "503": error_response("SERVICE_UNAVAILABLE: Postgres cannot be reached."),
+        },
+    }
+
+
+def op_list_models() -> dict:
+    return {
+        "operationId": "listModels", "tags": ["models"], "summary": "Every registered model",
+        "description": f"Roles: {ROLES_ML_OPS}. By product, newest first.",
+        "parameters": [
+            {"name": "product", "in": "query", "required": False,
+             "schema": {"type": "string", "pattern": PRODUCT_PATTERN.pattern.join(("^", "$"))}},
+            {"name": "status", "in": "query", "required": False,
+             "schema": {"type": "string", "enum": list(STATUSES)}},
+        ],
+        "responses": {
+            "200": json_response("The models and the generation this worker serves.", ref("ModelList")),
+            "400": error_response("INVALID_REQUEST: a bad product or status."),
+            **AUTH_ERRORS,
+            "503": error_response("SERVICE_UNAVAILABLE: Postgres cannot be reached."),
+        },
+    }
+
+
+def op_promote_model() -> dict:
+    return {
+        "operationId": "promoteModel", "tags": ["models"], "summary": "Move a model to another status",
+        "description": f"Roles: {ROLES_ML_OPS}. Promoting to production archives the product's previous "
+                       "production model in the same transaction; every instance picks it up within a second.",
+        "parameters": [path_parameter("model_id")],
+        "requestBody": {"required": True, "content": {JSON: {"schema": {
+            "type": "object", "required": ["target"],
+            "properties": {"target": {"type": "string", "enum": list(PROMOTION_TARGETS)}}}}}},
+        "responses": {
+            "200": json_response("The model as it is now.", ref("PromotedModel")),
+            **BODY_ERRORS, **AUTH_ERRORS,
+            "404": error_response("MODEL_NOT_FOUND: no such model."),
+            "409": error_response("CONFLICT: the registry refuses this move."),
+            "503": error_response("SERVICE_UNAVAILABLE: Postgres cannot be reached."),
+        },
+    }
+
+
+def op_healthz() -> dict:
+    return {
+        "operationId": "healthz", "tags": ["ops"], "summary": "Liveness", "security": PUBLIC,
+        "responses": {"200": json_response("The worker's event loop answers.", ref("Health"))},
+    }
+
+
+def op_readyz() -> dict:
+    return {
+        "operationId": "readyz", "tags": ["ops"], "summary": "Readiness", "security": PUBLIC,
+        "responses": {
+            "200": json_response("This worker serves a model for every product.", ref("Ready")),
+            "503": error_response("SERVICE_UNAVAILABLE: models not loaded yet (details say which)."),
+        },
+    }
+
+
+def op_metrics() -> dict:
+    return {
+        "operationId": "metrics", "tags": ["ops"], "summary": "Prometheus metrics of every process",
+        "description": "Public: keep it on METRICS_BIND's port and let only the scraper reach that port.",
+        "security": PUBLIC,
+        "responses": {"200": {"description": "Prometheus text exposition format.", "headers": REQUEST_ID_HEADER,
+                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
+    }
+
+
+def op_openapi() -> dict:
+    return {
+        "operationId": "openapi", "tags": ["ops"], "summary": "This document", "security": PUBLIC,
+        "responses": {"200": json_response("OpenAPI 3.1.", {"type": "object"})},
+    }
+
+
+def op_docs() -> dict:
+    return {
+        "operationId": "docs", "tags": ["ops"], "summary": "A page that renders this document", "security": PUBLIC,
+        "responses": {"200": {"description": "HTML.", "headers": REQUEST_ID_HEADER,
+                              "content": {"text/html": {"schema": {"type": "string"}}}}},
+    }
+
+
+# (route template, method) -> its operation; a route the app has but this table lacks is undocumented.
+OPERATIONS: dict[tuple[str, str], Callable[[], dict]] = {
+    ("/v1/infer", "POST"): op_infer,
+    ("/v1/infer/batch", "POST"): op_infer_batch,
+    ("/v1/infer/{prediction_id}", "GET"): op_get_prediction,
+    ("/v1/models", "GET"): op_list_models,
+    ("/v1/models/{model_id}/promote", "POST"): op_promote_model,
+    ("/healthz", "GET"): op_healthz,
+    ("/readyz", "GET"): op_readyz,
+    ("/metrics", "GET"): op_metrics,
+    ("/openapi.json", "GET"): op_openapi,
+    ("/docs", "GET"): op_docs,
+}
+
+
+def app_routes(app: falcon.asgi.App) -> set[tuple[str, str]]:
+    """(route template, method) of every responder the app has, Falcon's own (OPTIONS, 405) excluded."""
+    return {(route.path, method.method) for route in falcon.inspect.inspect_routes(app)
+            for method in route.methods if not method.internal}
+
+
+def build_document(routes: set[tuple[str, str]], batch_max: int = 256, specs: dict[str, Any] | None = None) -> dict:
+    """The document of the given routes that OPERATIONS describes, with the served products' payloads."""
+    paths: dict[str, dict] = {}
+    for path, method in sorted(routes):
+        describe = OPERATIONS.get((path, method))
+        if describe is not None:
+            paths.setdefault(path, {})[method.lower()] = describe()
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {
+            "title": "SIRA inference service",
+            "version": service_version(),
+            "description": "Scores payment events for fraud and risk in about a millisecond. Every error has "
+                           "one shape (Error) and every response carries X-Request-ID (the client's when it "
+                           "is 1-128 of A-Z a-z 0-9 . _ : -, else a generated one).",
+        },
+        "security": [{"bearerAuth": []}],
+        "paths": paths,
+        "components": {
+            "securitySchemes": {"bearerAuth": {
+                "type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                "description": "A JWT (HS256 with JWT_SECRET, or RS256/ES256 by kid) or the internal service "
+                               "token (`sira token --role ROLE --sub NAME` mints one)."}},
+            "headers": {"RequestId": {"required": True, "description": "The request's id, also in every log line.",
+                                      "schema": {"type": "string"}}},
+            "schemas": schemas(batch_max, specs or {}),
+        },
+    }
+
+
+class OpenApiResource:
+    """GET /openapi.json: built from the app's routes and served models, rebuilt when the models change."""
+
+    def __init__(self, app: falcon.asgi.App, batch_max: int, models: Any = None):
+        self.app = app
+        self.batch_max = batch_max
+        self.models = models  # app.models.ModelTable: the served products and their feature specs
+        self._body: bytes | None = None
+        self._built_for: object = None
+
+    async def on_get(self, req, resp):
+        served = self.served_models()
+        if self._body is None or served != self._built_for:
+            self._body = self.build(served)
+            self._built_for = served
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self._body
+
+    def served_models(self) -> tuple:
+        """What the document depends on: (product, model id, version) of every served model."""
+        if self.models is None:
+            return ()
+        self.models.refresh()
+        return tuple(sorted((product, model.model_id, model.version)
+                            for product, model in self.models.production.items()))
+
+    def build(self, served: tuple) -> bytes:
+        routes = app_routes(self.app)
+        undocumented = sorted(routes - OPERATIONS.keys())
+        if undocumented:
+            log.warning("routes missing from the OpenAPI document: %s", undocumented)
+        specs = {product: self.models.production[product].spec for product, _, _ in served}
+        return orjson.dumps(build_document(routes, self.batch_max, specs))
+
+
+class DocsResource:
+    """GET /docs: a self-contained page (no CDN) that loads /openapi.json and lists every operation."""
+
+    async def on_get(self, req, resp):
+        resp.content_type = falcon.MEDIA_HTML
+        resp.text = DOCS_HTML
+
+
+def install_api_docs(app: falcon.asgi.App, config: Any = None, models: Any = None) -> None:
+    """Add /openapi.json and /docs; the document describes the routes the app has when it is asked."""
+    app.add_route("/openapi.json", OpenApiResource(app, getattr(config, "batch_max", 256), models))
+    app.add_route("/docs", DocsResource())

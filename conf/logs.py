@@ -1,0 +1,305 @@
+"""Structured logs for every SIRA process: one JSON object per line on stderr.
+
+The CLI configures the root logger once (`configure_logging`); gunicorn's workers and the master's
+sidecars are forked from it and inherit the handler. gunicorn's own loggers (`gunicorn.error`,
+`gunicorn.access`) go through the same handler via `GunicornJsonLogger`, its `logger_class`.
+
+A line holds `timestamp` (ISO 8601 UTC, ms, Z), `level`, `logger`, `message`, `service`, `pod_id`,
+`process` (cli, master, worker, or the sidecar's name), `pid`, `request_id` when the line belongs to
+a request, the fields a call passed with `extra=`, and `exception` (the traceback) when there is one.
+
+Secrets: no code logs a payload, a token or a secret; as a second line of defence every line is
+scrubbed of the configured secret values, of `Bearer <token>` and of anything shaped like a JWT.
+
+The access log (SIRA_ACCESS_LOG=on, LOG_LEVEL info or debug) is handed over by gunicorn after the
+response has been sent, so it never delays the answer it describes; its lines are built without a
+LogRecord and written in batches (``AccessLog``). Off, gunicorn does not even collect its fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+import sys
+import time
+from collections.abc import Callable, Iterable
+from contextvars import ContextVar
+
+import orjson
+from gunicorn import glogging
+
+SERVICE = "sira-inference"
+MASK = "****"
+MIN_SECRET_CHARS = 8  # shorter values would mask ordinary words
+USER_AGENT_MAX = 200
+ACCESS_LOGGER = "gunicorn.access"
+PIPE_BUF = 4096  # a write() to a pipe up to this size is never interleaved with another's (POSIX)
+
+# The request id of the request this code runs for; set by app.middleware.RequestIdMiddleware. In a
+# worker it stays set on the connection's task until the next request on that connection.
+REQUEST_ID: ContextVar[str | None] = ContextVar("sira_request_id", default=None)
+
+# Attributes every LogRecord has; anything else on a record came from `extra=` and is logged.
+_RECORD_ATTRS = frozenset(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
+_BEARER = re.compile(r"(?i)(bearer\s+)[^\s\"',;]+")
+_JWT = re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*")
+
+
+class ProcessRole:
+    """Which SIRA process this is, for the `process` field.
+
+    A role is named for one pid: a child forked after `set` that names no role of its own is an
+    HTTP worker (gunicorn forks workers without telling us; sidecars call `set` after their fork).
+    """
+
+    def __init__(self) -> None:
+        self.pid = os.getpid()
+        self.name = "cli"
+
+    def set(self, name: str) -> None:
+        self.pid = os.getpid()
+        self.name = name
+
+    def of(self, pid: int) -> str:
+        return self.name if pid == self.pid else "worker"
+
+
+PROCESS_ROLE = ProcessRole()
+
+
+def set_process_role(name: str) -> None:
+    """Name this process in every line it logs from now on (master, supervisor, writer...)."""
+    PROCESS_ROLE.set(name)
+
+
+class Redactor:
+    """Masks secret values, bearer tokens and JWT-shaped strings in a finished log line."""
+
+    def __init__(self, secrets: Iterable[str] = ()):
+        forms = set()
+        for secret in secrets:
+            if secret and len(secret) >= MIN_SECRET_CHARS:
+                forms.add(secret)
+                forms.add(orjson.dumps(secret).decode()[1:-1])  # as it appears inside a JSON string
+        # Longest first, so a secret that contains another is masked whole.
+        self.secrets = tuple(sorted(forms, key=len, reverse=True))
+
+    def __call__(self, line: str) -> str:
+        for secret in self.secrets:
+            if secret in line:
+                line = line.replace(secret, MASK)
+        if "earer" in line or "EARER" in line:
+            line = _BEARER.sub(r"\1" + MASK, line)
+        if "eyJ" in line:
+            line = _JWT.sub(MASK, line)
+        return line
+
+
+_formatted_second: list = [-1, ""]  # the last second formatted: most lines share it
+
+
+def utc_iso(created: float) -> str:
+    """The API's timestamp format (ISO 8601 UTC, milliseconds, Z) for a record's creation time."""
+    second = int(created)
+    if second != _formatted_second[0]:
+        _formatted_second[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+    return f"{_formatted_second[1]}.{int((created - second) * 1000):03d}Z"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record (see the module docstring for the fields)."""
+
+    def __init__(self, redactor: Redactor | None = None, pod_id: str | None = None,
+                 role: ProcessRole = PROCESS_ROLE):
+        super().__init__()
+        self.redactor = redactor or Redactor()
+        self.pod_id = pod_id or os.environ.get("HOSTNAME") or socket.gethostname()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {key: value for key, value in record.__dict__.items() if key not in _RECORD_ATTRS}
+        if record.exc_info:
+            fields["exception"] = self.formatException(record.exc_info)
+        if record.stack_info:
+            fields["stack"] = self.formatStack(record.stack_info)
+        return self.line(record.created, record.levelname.lower(), record.name, record.getMessage(),
+                         record.process, fields)
+
+    def line(self, created: float, level: str, logger: str, message: str, pid: int, fields: dict) -> str:
+        """One log line (no newline): the common fields, the request id, then `fields`."""
+        entry = {
+            "timestamp": utc_iso(created),
+            "level": level,
+            "logger": logger,
+            "message": message,
+            "service": SERVICE,
+            "pod_id": self.pod_id,
+            "process": self.role.of(pid),
+            "pid": pid,
+        }
+        request_id = REQUEST_ID.get()
+        if request_id is not None:
+            entry["request_id"] = request_id
+        entry.update(fields)
+        return self.redactor(orjson.dumps(entry, default=str).decode())
+
+
+class AccessLog:
+    """Access lines built without a LogRecord and written in batches, after the responses they describe.
+
+    A line joins a buffer that is written when the event loop's current iteration ends (at once
+    outside a loop), in write()s of at most PIPE_BUF bytes cut at line ends, so that no other
+    process's write to the same pipe can land inside a line. Not thread safe: one per process.
+    """
+
+    def __init__(self, formatter: JsonFormatter, write: Callable[[bytes], None]):
+        self.formatter = formatter
+        self.write = write
+        self.pid = os.getpid()
+        self.pending: list[bytes] = []
+        self.scheduled = False
+
+    def add(self, message: str, fields: dict) -> None:
+        if self.pid != os.getpid():  # inherited through a fork: the parent's lines are not ours to write
+            self.pid, self.pending, self.scheduled = os.getpid(), [], False
+        line = self.formatter.line(time.time(), "info", ACCESS_LOGGER, message, self.pid, fields)
+        self.pending.append(line.encode() + b"\n")
+        if self.scheduled:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        loop.call_soon(self.flush)
+        self.scheduled = True
+
+    def flush(self) -> None:
+        self.scheduled = False
+        pending, self.pending = self.pending, []
+        chunk = b""
+        for line in pending:
+            if chunk and len(chunk) + len(line) > PIPE_BUF:
+                self.write(chunk)
+                chunk = b""
+            chunk += line
+        if chunk:
+            self.write(chunk)
+
+
+def writer_for(stream) -> Callable[[bytes], None]:
+    """Raw writes to the stream's file descriptor (all bytes, one write() when they fit), or via the stream."""
+    try:
+        fd = stream.fileno()
+    except (AttributeError, OSError, ValueError):  # a StringIO in tests, a captured stream
+        def write_text(data: bytes) -> None:
+            stream.write(data.decode())
+            stream.flush()
+
+        return write_text
+
+    def write_fd(data: bytes) -> None:
+        stream.flush()  # what the logging handler buffered goes first
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+
+    return write_fd
+
+
+def json_handler(level: int, secrets: Iterable[str] = (), stream=None) -> logging.Handler:
+    """The one handler of every process; its level also holds back loggers that set their own (gunicorn's)."""
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setLevel(level)
+    handler.setFormatter(JsonFormatter(Redactor(secrets)))
+    return handler
+
+
+_access_log: AccessLog | None = None  # set by configure_logging when its level lets info lines through
+
+
+def configure_logging(level: str, secrets: Iterable[str] = (), stream=None) -> None:
+    """The root logger writes JSON lines at `level` (LOG_LEVEL); replaces any earlier setup."""
+    global _access_log
+    numeric_level = getattr(logging, level.upper())
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler = json_handler(numeric_level, secrets, stream)
+    root.addHandler(handler)
+    root.setLevel(numeric_level)
+    logging.captureWarnings(True)
+    _access_log = AccessLog(handler.formatter, writer_for(handler.stream)) if numeric_level <= logging.INFO else None
+
+
+def access_log_enabled(access_log: bool, level: str) -> bool:
+    """SIRA_ACCESS_LOG=on writes at info: with LOG_LEVEL warning or above gunicorn need not even collect it."""
+    return access_log and getattr(logging, level.upper()) <= logging.INFO
+
+
+def secret_values(settings) -> list[str]:
+    """The values of the secret settings (and a database URL's password) to mask in every line."""
+    from conf.settings import SETTINGS
+
+    values = []
+    for setting in SETTINGS:
+        value = getattr(settings, setting.attr, None)
+        if setting.secret and isinstance(value, str):
+            values.append(value)
+    url = getattr(settings, "database_url", None)
+    if url:
+        password = database_password(url)
+        if password:
+            values.append(password)
+    return values
+
+
+def database_password(url: str) -> str | None:
+    from psycopg import conninfo
+
+    try:
+        return conninfo.conninfo_to_dict(url).get("password")
+    except Exception:  # a malformed URL was refused by conf.settings already
+        return None
+
+
+class GunicornJsonLogger(glogging.Logger):
+    """gunicorn's `logger_class`: its error log through the root handler, its access log as AccessLog lines.
+
+    gunicorn's access log is on when its `accesslog` setting is set (the master sets it from
+    SIRA_ACCESS_LOG); gunicorn calls `access` after the response's last byte was written. The
+    lines follow LOG_LEVEL: none above info.
+    """
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in [h for h in log.handlers if getattr(h, "_gunicorn", False)]:
+                log.removeHandler(handler)
+            log.propagate = True
+
+    def access(self, resp, req, environ, request_time) -> None:
+        if not self.access_log_enabled or _access_log is None:
+            return
+        status = resp.status
+        if isinstance(status, str):
+            status = int(status.split(None, 1)[0])
+        method = environ.get("REQUEST_METHOD", "-")
+        path = environ.get("PATH_INFO", "-")  # never the query string
+        fields = {
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": round(request_time.seconds * 1000 + request_time.microseconds / 1000, 3),
+            "bytes": getattr(resp, "sent", None),
+            "remote_addr": environ.get("REMOTE_ADDR", "-"),
+            "user_agent": environ.get("HTTP_USER_AGENT", "-")[:USER_AGENT_MAX],
+        }
+        for name, value in resp.headers:
+            if name.lower() == "x-request-id":
+                fields["request_id"] = value
+                break
+        _access_log.add(f"{method} {path} {status}", fields)

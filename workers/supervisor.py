@@ -1,0 +1,531 @@
+"""The model supervisor: registry -> verified local files -> load check -> a new generation.
+
+A sidecar of the master (workers/arbiter.py): forked by it, restarted with backoff when it dies,
+sent SIGHUP when the master gets one. It runs asyncio on uvloop and syncs:
+
+- at start, on SIGHUP (``sira reload``), every ``MODEL_POLL_INTERVAL_S``, and on every NOTIFY of
+  channel ``sira_config_changed`` (the registry's trigger), so a promotion goes live in about the
+  time a load check takes;
+- sooner after a failed sync: 1 s, 2 s, 4 s ... up to the poll interval.
+
+One sync reads the production models from the registry; for each one that is not live yet it
+downloads the file into ``$SIRA_DATA_DIR/models`` (temporary file, sha256 verified, fsync,
+rename: the store's ``fetch``), writes its feature spec beside it and runs ``workers.smoke`` in a
+process of its own (load, spec check, smoke row, shared form of the weights). Only then does the
+new model table go into the control block, bumping the generation that every worker reads on
+every request. A model that fails at any step stays out: the product keeps its current model, the
+error is logged and counted by reason, and the next sync retries.
+
+onnxruntime is never imported here: this process is forked from the master and forks the load
+checks (see app/config.py).
+
+Files of old generations: each worker lists the files it holds in ``models/in-use/<pid>`` (one
+base name per line, written by app/model_swap.py before it opens them). After each sync the
+supervisor removes the model files that neither the new table, nor the registry's production
+models, nor a live worker's list names.
+
+Errors are counted in ``sira_model_load_errors_total{reason}`` (app/metrics.py), reasons:
+``registry_unreachable``, ``store_unreachable``, ``download_failed``, ``sha256_mismatch``,
+``invalid_spec``, ``invalid_model``, ``spec_mismatch``, ``smoke_failed``, ``load_crashed``,
+``load_timeout``, ``invalid_entry``, ``publish_failed``, ``internal_error``. The same counts and the
+state of the last sync are in ``$SIRA_DATA_DIR/model-sync.json`` (``STATS_FILE``), rewritten
+atomically after every sync, for ops and tests: ``model_load_errors_total``, ``syncs_total``,
+``sync_failures_total``, ``generation``, ``last_sync_at``, ``last_sync_ok``, ``last_error``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import psycopg
+
+from app.metrics import count_model_load_error, set_model_generation
+from conf.settings import Settings
+from shm.control import PATH_BYTES, PRODUCT_BYTES, VERSION_BYTES, ControlBlock, ModelSlot, ProductEntry
+from workers import registry
+from workers.arbiter import Sidecar
+from workers.model_files import ensure_local_copy
+from workers.modelstore import ModelStore, ModelStoreError, open_model_store
+from workers.paths import MODELS_DIR, SUPERVISOR_PIDFILE, data_path
+
+log = logging.getLogger("sira.supervisor")
+
+CONTROL_KIND = "control"  # the control block's segment: sira-<instance>-control
+NOTIFY_CHANNEL = "sira_config_changed"
+STATS_FILE = "model-sync.json"
+IN_USE_DIR = "in-use"
+SMOKE_TIMEOUT_S = 300.0
+RETRY_FIRST_S = 1.0
+LISTEN_RETRY_MAX_S = 30.0
+LISTEN_CHECK_S = 30.0  # an idle LISTEN connection is probed this often
+CONNECT_TIMEOUT_S = 5
+PARENT_CHECK_S = 1.0
+MODEL_FILE_SUFFIXES = (".onnx", ".weights", ".spec.json")
+
+# What each store failure counts as (ModelStoreError.reason -> our reason label).
+STORE_REASONS = {"unavailable": "store_unreachable", "missing": "download_failed",
+                 "integrity": "sha256_mismatch"}
+
+
+class ModelNotReady(Exception):
+    """A model that cannot go live now; `reason` is its label in the error counter."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclasses.dataclass
+class SyncStats:
+    """The supervisor's counts and last sync, for ops and tests (STATS_FILE; one writer)."""
+
+    control_segment: str
+    generation: int = 0
+    syncs_total: int = 0
+    sync_failures_total: int = 0
+    model_load_errors_total: dict[str, int] = dataclasses.field(default_factory=dict)
+    last_sync_at: float | None = None
+    last_sync_ok: bool | None = None
+    last_error: dict | None = None
+
+
+class ModelSupervisor:
+    """Keeps the control block's model table in line with the registry's production models."""
+
+    def __init__(self, control: ControlBlock, store: ModelStore, dsn: str, models_dir: str,
+                 stats_path: str, poll_interval_s: float):
+        self.control = control
+        self.store = store
+        self.dsn = dsn
+        self.models_dir = models_dir
+        self.in_use_dir = os.path.join(models_dir, IN_USE_DIR)
+        self.stats_path = stats_path
+        self.poll_interval_s = poll_interval_s
+        self.stats = load_stats(stats_path, control.segment.name)
+        self.failures_in_a_row = 0
+        # One load-check process waits with onnxruntime imported, so a new model does not wait for
+        # the imports (in the sidecar only: the master's first sync leaves no process behind).
+        self.keep_a_check_waiting = False
+        self.waiting_check: asyncio.subprocess.Process | None = None
+        self.parent_pid = os.getppid()
+        self._wakeup: asyncio.Event | None = None
+        self._stopping: asyncio.Event | None = None
+
+    # lifecycle -------------------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Sync, listen and watch the parent until SIGTERM, SIGINT or SIGQUIT; returns 0."""
+        self._wakeup, self._stopping = asyncio.Event(), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.request_sync, "SIGHUP")
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        os.makedirs(self.in_use_dir, exist_ok=True)
+        self.keep_a_check_waiting = True
+        self.waiting_check = await start_load_check()
+        await self.warm_up_store()
+        tasks = [asyncio.create_task(job()) for job in
+                 (self.sync_forever, self.listen_forever, self.watch_parent)]
+        stopping = asyncio.create_task(self._stopping.wait())
+        try:
+            done, _pending = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (stopping, *tasks):
+                task.cancel()
+            await asyncio.gather(stopping, *tasks, return_exceptions=True)
+            await self.stop_waiting_check()
+        if not self._stopping.is_set():  # a loop of ours ended: crash, and the master restarts us
+            for task in done:
+                log.error("supervisor task %s ended: %r", task.get_coro().__name__, task.exception())
+            return 1
+        log.info("supervisor stopped")
+        return 0
+
+    async def warm_up_store(self) -> None:
+        """Build an S3 store's client now: boto3 takes a second or more to import and set up, and
+        a promotion should not wait for it. Building it touches no network."""
+        if isinstance(getattr(type(self.store), "client", None), property):
+            try:
+                await asyncio.to_thread(lambda: self.store.client)
+            except Exception as exc:  # the syncs meet it again, and count it there
+                log.warning("cannot set up %s yet: %s", self.store.describe(), one_line(exc))
+
+    def request_sync(self, why: str) -> None:
+        """Ask for a sync as soon as the current one (if any) is done; calls coalesce."""
+        log.info("model sync requested (%s)", why)
+        self._wakeup.set()
+
+    async def watch_parent(self) -> None:
+        """Leave when the master is gone (it was killed): nobody would stop us otherwise."""
+        while os.getppid() == self.parent_pid:
+            await asyncio.sleep(PARENT_CHECK_S)
+        log.error("the master (pid %d) is gone: stopping", self.parent_pid)
+        self._stopping.set()
+
+    async def sync_forever(self) -> None:
+        """One sync now, then one per wake-up, poll interval, or retry delay after a failure."""
+        while True:
+            self._wakeup.clear()
+            try:
+                ok = await self.sync()
+            except Exception as exc:  # a bug or a surprise must not stop the syncs: count, retry
+                log.exception("model sync failed unexpectedly")
+                self.count_error("internal_error", one_line(exc))
+                ok = False
+            self.failures_in_a_row = 0 if ok else self.failures_in_a_row + 1
+            delay = self.poll_interval_s if ok else min(
+                RETRY_FIRST_S * 2 ** (self.failures_in_a_row - 1), self.poll_interval_s)
+            try:
+                await asyncio.wait_for(self._wakeup.wait(), delay)
+            except TimeoutError:
+                pass
+
+    async def listen_forever(self) -> None:
+        """LISTEN for registry changes; reconnect with backoff (polling covers the gaps)."""
+        backoff = RETRY_FIRST_S
+        while True:
+            try:
+                async with await psycopg.AsyncConnection.connect(
+                        self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+                    await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+                    backoff = RETRY_FIRST_S
+                    self.request_sync("listening for registry changes")  # changes missed meanwhile
+                    await self.relay_notifications(conn)
+            except (psycopg.Error, OSError) as exc:
+                log.warning("LISTEN %s: %s; retrying in %.0fs", NOTIFY_CHANNEL,
+                            one_line(exc), backoff)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, LISTEN_RETRY_MAX_S)
+
+    async def relay_notifications(self, conn: psycopg.AsyncConnection) -> None:
+        """Each notification asks for a sync; an idle connection is probed so a dead one is noticed."""
+        while True:
+            async for notify in conn.notifies(timeout=LISTEN_CHECK_S):
+                self.request_sync(f"NOTIFY {notify.payload}")
+            await conn.execute("SELECT 1")
+
+    # one sync --------------------------------------------------------------------------------
+
+    async def sync(self) -> bool:
+        """Bring the control block in line with the registry; True when nothing failed."""
+        started = time.time()
+        try:
+            models = await asyncio.to_thread(read_production_models, self.dsn)
+        except psycopg.Error as exc:
+            self.count_error("registry_unreachable", f"cannot read the model registry: {one_line(exc)}")
+            self.finish_sync(started, ok=False)
+            return False
+        _generation, table = self.control.read_table()
+        new_table, ok = {}, True
+        for model in models:
+            current = table.get(model.product)
+            live = current.production if current else None
+            try:
+                slot = await self.slot_for(model, live)
+            except ModelNotReady as exc:
+                ok = False
+                kept = f"{live.model_id} keeps serving" if live else "nothing serves it"
+                self.count_error(exc.reason, f"model {model.model_id} ({model.product} "
+                                             f"{model.version}) is not live, {kept}: {exc}")
+                slot = live
+            new_table[model.product] = entry_with(current, model.product, slot)
+        if new_table != table:
+            ok = self.publish(new_table) and ok
+        self.remove_unused_files(self.control.read_table()[1], models)
+        self.finish_sync(started, ok)
+        return ok
+
+    def publish(self, table: dict[str, ProductEntry]) -> bool:
+        try:
+            generation = self.control.publish(table)
+        except ValueError as exc:  # more products than the block holds
+            self.count_error("publish_failed", f"cannot publish the model table: {exc}")
+            return False
+        self.stats.generation = generation
+        set_model_generation(generation)
+        log.info("published model generation %d: %s", generation, ", ".join(
+            f"{p}={e.production.model_id if e.production else None}" for p, e in sorted(table.items())))
+        return True
+
+    async def slot_for(self, model: registry.RegistryModel, live: ModelSlot | None) -> ModelSlot:
+        """The live slot when it already serves this model, else a freshly checked one."""
+        spec_path = self.spec_path(model)
+        if live is not None and live.model_id == model.model_id and live.spec_path == spec_path \
+                and os.path.exists(live.path):
+            if (live.threshold, live.version) == (model.threshold, model.version):
+                return live
+            return dataclasses.replace(live, threshold=model.threshold, version=model.version)
+        check_fits(model, spec_path)
+        model_path = await self.download(model)
+        write_spec(spec_path, model.feature_spec)
+        result = await self.load_check(model_path, spec_path)
+        check_fits(model, result["path"])
+        log.info("model %s (%s %s) passed its load check (score %.4f, %s)", model.model_id,
+                 model.product, model.version, result["score"],
+                 f"{result['weights_bytes']} bytes of shared weights" if result["shared"] else "plain")
+        return ModelSlot(model_id=model.model_id, version=model.version, path=result["path"],
+                         spec_path=spec_path, threshold=model.threshold, loaded_at=time.time())
+
+    def spec_path(self, model: registry.RegistryModel) -> str:
+        """The spec's file: named by model and content, so an edited spec is a new file."""
+        digest = hashlib.sha256(spec_bytes(model.feature_spec)).hexdigest()[:16]
+        return os.path.join(self.models_dir, f"{model.model_id}.{digest}.spec.json")
+
+    async def download(self, model: registry.RegistryModel) -> str:
+        """The model's verified local file, fetched from the store when missing."""
+        try:
+            return await asyncio.to_thread(ensure_local_copy, self.store, model, self.models_dir)
+        except ModelStoreError as exc:
+            raise ModelNotReady(STORE_REASONS.get(exc.reason, "download_failed"), one_line(exc)) from None
+        except (OSError, ValueError) as exc:
+            raise ModelNotReady("download_failed", one_line(exc)) from None
+
+    async def load_check(self, model_path: str, spec_path: str) -> dict:
+        """Run workers.smoke on the model in its own process; its result, or ModelNotReady.
+
+        The process is the one kept waiting with its imports done, when there is one.
+        """
+        process = self.take_waiting_check() or await start_load_check()
+        job = json.dumps({"model": model_path, "spec": spec_path}).encode("utf-8") + b"\n"
+        try:
+            stdout, stderr = await asyncio.wait_for(process.communicate(job), SMOKE_TIMEOUT_S)
+        except TimeoutError:
+            raise ModelNotReady("load_timeout", f"the load check of {model_path} took more than "
+                                                f"{SMOKE_TIMEOUT_S:.0f}s") from None
+        finally:
+            if process.returncode is None:  # timed out, or this sync was cancelled
+                process.kill()
+                await process.wait()
+        if self.keep_a_check_waiting:
+            self.waiting_check = await start_load_check()
+        for line in stderr.decode(errors="replace").splitlines()[-5:]:
+            log.info("load check: %s", line)
+        lines = stdout.decode(errors="replace").strip().splitlines()
+        if process.returncode != 0 or not lines:
+            raise ModelNotReady("load_crashed", f"the load check of {model_path} "
+                                                f"{describe_returncode(process.returncode)}")
+        try:
+            result = json.loads(lines[-1])
+        except ValueError:
+            raise ModelNotReady("load_crashed", f"the load check of {model_path} answered "
+                                                f"{lines[-1][:200]!r}") from None
+        if not result.get("ok"):
+            raise ModelNotReady(result.get("reason", "invalid_model"), result.get("error", "?"))
+        return result
+
+    def take_waiting_check(self) -> asyncio.subprocess.Process | None:
+        """The load-check process kept waiting, if it is still alive (it is used once)."""
+        process, self.waiting_check = self.waiting_check, None
+        return process if process is not None and process.returncode is None else None
+
+    async def stop_waiting_check(self) -> None:
+        self.keep_a_check_waiting = False
+        process = self.take_waiting_check()
+        if process is not None:
+            process.kill()
+            await process.wait()
+
+    # files and counters ----------------------------------------------------------------------
+
+    def remove_unused_files(self, table: dict[str, ProductEntry],
+                            models: list[registry.RegistryModel]) -> None:
+        """Remove model files no one needs: not in the table, the registry, nor a worker's list."""
+        keep = {model.sha256 for model in models} | {model.model_id for model in models}
+        for entry in table.values():
+            for slot in (entry.production, entry.canary):
+                if slot is not None:
+                    keep |= {file_stem(slot.path), file_stem(slot.spec_path)}
+        keep |= {file_stem(name) for name in self.files_in_use()}
+        for name in os.listdir(self.models_dir):
+            if name.endswith(MODEL_FILE_SUFFIXES) and not name.startswith(".") \
+                    and file_stem(name) not in keep:
+                try:
+                    os.unlink(os.path.join(self.models_dir, name))
+                    log.info("removed %s: no generation or worker uses it", name)
+                except FileNotFoundError:
+                    pass
+
+    def files_in_use(self) -> set[str]:
+        """Base names listed by live workers; the lists of dead workers are removed."""
+        names: set[str] = set()
+        for record in os.listdir(self.in_use_dir):
+            path = os.path.join(self.in_use_dir, record)
+            if not record.isdigit():
+                continue
+            if not pid_alive(int(record)):
+                remove_quietly(path)
+                continue
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    names.update(line.strip() for line in handle if line.strip())
+            except FileNotFoundError:
+                continue  # removed meanwhile: its worker is gone
+        return names
+
+    def count_error(self, reason: str, message: str) -> None:
+        counts = self.stats.model_load_errors_total
+        counts[reason] = counts.get(reason, 0) + 1
+        count_model_load_error(reason)
+        self.stats.last_error = {"reason": reason, "message": message, "at": time.time()}
+        log.error("model sync: %s: %s", reason, message)
+
+    def finish_sync(self, started: float, ok: bool) -> None:
+        self.stats.syncs_total += 1
+        self.stats.sync_failures_total += 0 if ok else 1
+        self.stats.last_sync_at, self.stats.last_sync_ok = started, ok
+        self.stats.generation = self.control.generation()
+        try:
+            write_json_atomically(self.stats_path, dataclasses.asdict(self.stats))
+        except OSError as exc:
+            log.warning("cannot write %s: %s", self.stats_path, exc)
+
+
+# plain helpers -------------------------------------------------------------------------------
+
+def read_production_models(dsn: str) -> list[registry.RegistryModel]:
+    """The registry's production models (one per product), over a short-lived connection."""
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        return registry.production_models(conn)
+
+
+async def start_load_check() -> asyncio.subprocess.Process:
+    """A workers.smoke process that imports onnxruntime, then waits for its one job on stdin."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "workers.smoke", "--wait-for-job", stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+
+
+def entry_with(current: ProductEntry | None, product: str, slot: ModelSlot | None) -> ProductEntry:
+    """The product's entry with this production slot; canary fields carried over as they were."""
+    if current is None:
+        return ProductEntry(product=product, production=slot)
+    return dataclasses.replace(current, production=slot)
+
+
+def check_fits(model: registry.RegistryModel, path: str) -> None:
+    """ModelNotReady unless the model's fields fit the control block's slots."""
+    for label, text, limit in (("product", model.product, PRODUCT_BYTES),
+                               ("version", model.version, VERSION_BYTES), ("path", path, PATH_BYTES)):
+        if len(text.encode("utf-8")) > limit:
+            raise ModelNotReady("invalid_entry", f"{label} {text[:40]!r}... is longer than the "
+                                                 f"control block's {limit} bytes")
+
+
+def spec_bytes(spec: dict) -> bytes:
+    return json.dumps(spec, sort_keys=True, separators=(",", ":")).encode("utf-8")
+
+
+def write_spec(path: str, spec: dict) -> None:
+    if not os.path.exists(path):
+        write_json_atomically(path, spec)
+
+
+def write_json_atomically(path: str, value) -> None:
+    """Temporary file, fsync, rename: readers see the old or the new file, whole."""
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    with open(tmp_path, "w", encoding="utf-8") as handle:
+        json.dump(value, handle, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp_path, path)
+
+
+def file_stem(path: str) -> str:
+    """What a model file is named by: the sha256 or model id before the first dot."""
+    return os.path.basename(path).split(".", 1)[0]
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def load_stats(path: str, control_segment: str) -> SyncStats:
+    """This instance's counters when a previous supervisor of the same `sira serve` left them."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        if saved.get("control_segment") == control_segment:
+            return SyncStats(**saved)
+    except (OSError, ValueError, TypeError):
+        pass
+    return SyncStats(control_segment=control_segment)
+
+
+def describe_returncode(code: int | None) -> str:
+    if code is not None and code < 0:
+        return f"was killed by {signal.Signals(-code).name}" if -code in signal.Signals._value2member_map_ \
+            else f"was killed by signal {-code}"
+    return f"exited with code {code} without a result"
+
+
+def one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def first_sync(store: ModelStore, dsn: str, control: ControlBlock, models_dir: str, stats_path: str,
+               poll_interval_s: float) -> bool:
+    """One sync in the master before it forks, so that workers boot with the models loaded.
+
+    A plain asyncio loop, closed before returning: it leaves no thread or handler in the master.
+    A failure is logged and counted like any other; the supervisor retries it.
+    """
+    os.makedirs(models_dir, exist_ok=True)
+    supervisor = ModelSupervisor(control, store, dsn, models_dir, stats_path, poll_interval_s)
+    return asyncio.run(supervisor.sync())
+
+
+def run_supervisor(store: ModelStore, dsn: str, control_segment: str, models_dir: str,
+                   stats_path: str, poll_interval_s: float) -> int:
+    """The sidecar's entry point, in the child the master forked; returns the exit code."""
+    import uvloop
+
+    # gunicorn's SIGCHLD handler came with the fork: it would reap our load checks. A SIGHUP
+    # before the loop handles it must not kill us (the first sync comes anyway).
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    os.makedirs(models_dir, exist_ok=True)
+    control = ControlBlock.attach(control_segment)
+    try:
+        supervisor = ModelSupervisor(control, store, dsn, models_dir, stats_path, poll_interval_s)
+        return uvloop.run(supervisor.run())
+    finally:
+        control.close()
+
+
+def first_model_sync(settings: Settings, dsn: str, control: ControlBlock) -> bool:
+    """`first_sync` with sira serve's settings (in the master, before the fork)."""
+    return first_sync(open_model_store(settings), dsn, control, data_path(settings.data_dir, MODELS_DIR),
+                      data_path(settings.data_dir, STATS_FILE), settings.model_poll_interval_s)
+
+
+def supervisor_sidecar(settings: Settings, dsn: str, control_segment: str) -> Sidecar:
+    """The master's sidecar that runs the supervisor; SIGHUP to the master reaches it."""
+
+    def run() -> int:
+        return run_supervisor(open_model_store(settings), dsn, control_segment,
+                              data_path(settings.data_dir, MODELS_DIR),
+                              data_path(settings.data_dir, STATS_FILE), settings.model_poll_interval_s)
+
+    return Sidecar("supervisor", run, data_path(settings.data_dir, SUPERVISOR_PIDFILE), forward_hup=True)
