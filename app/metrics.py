@@ -240,7 +240,11 @@ def start_worker_metrics(metrics: SiraMetrics, products: Iterable[str], models_l
 
 def exposition(registry: Any) -> tuple[bytes, str]:
     """(body, content type) of a scrape: every process's files in multiprocess mode, else `registry`."""
-    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+    from prometheus_client import (
+        CONTENT_TYPE_LATEST,
+        CollectorRegistry,
+        generate_latest,
+    )
     from prometheus_client.multiprocess import MultiProcessCollector
 
     path = multiprocess_dir()

@@ -34,3 +34,4 @@ class RequestIdMiddleware:
         request_id = getattr(req.context, "request_id", None)
         if request_id is not None:
             resp.set_header("X-Request-ID", request_id)
+        REQUEST_ID.set(None)  # the connection's next lines belong to no request until the next one

@@ -15,12 +15,26 @@ run in-process) the writers are plain prometheus_client children.
 from __future__ import annotations
 
 import bisect
+import logging
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from app.errors import CODE_BY_STATUS, ApiError
-from app.metrics import (CACHE_HITS, CACHE_MISSES, CACHE_TYPE, LATENCY, LATENCY_BUCKETS, PREDICTION_ERRORS,
-                         REQUESTS, Family, SiraMetrics, multiprocess_dir)
+from app.metrics import (
+    CACHE_HITS,
+    CACHE_MISSES,
+    CACHE_TYPE,
+    LATENCY,
+    LATENCY_BUCKETS,
+    PREDICTION_ERRORS,
+    REQUESTS,
+    Family,
+    SiraMetrics,
+    multiprocess_dir,
+)
+
+log = logging.getLogger("sira.metrics")
 
 INFER_ROUTE = "/v1/infer"
 BATCH_ROUTE = "/v1/infer/batch"
@@ -37,7 +51,7 @@ MAX_CACHED_LABEL_SETS = 10_000  # a bound on the writers kept; cleared beyond, n
 class FileValue:
     """One value of a hot value file; this process is its only writer."""
 
-    __slots__ = ("key", "value", "_write")
+    __slots__ = ("_write", "key", "value")
 
     def __init__(self, file: Any, key: str):
         self.key = key
@@ -261,15 +275,24 @@ class InferenceMetricsMiddleware:
 
     def __init__(self, metrics: InferenceMetrics):
         self.metrics = metrics
+        self.warned = False
 
     async def process_response(self, req, resp, resource, req_succeeded):
         if req.method != "POST":
             return
         route = req.uri_template
-        if route == INFER_ROUTE:
-            self.count_single(req, resp, req_succeeded)
-        elif route == BATCH_ROUTE:
-            await self.count_batch(req, resp, req_succeeded)
+        try:
+            if route == INFER_ROUTE:
+                self.count_single(req, resp, req_succeeded)
+            elif route == BATCH_ROUTE:
+                await self.count_batch(req, resp, req_succeeded)
+        except (KeyError, TypeError, AttributeError) as exc:
+            # An answer of a shape this code does not know: the answer must still leave (raising here
+            # would turn it into a 500), and the gap in the counts is said once.
+            if not self.warned:
+                self.warned = True
+                log.error("cannot count a %s answer in the metrics (%s: %s); the resource's answer changed shape?",
+                          route, type(exc).__name__, exc)
 
     def count_single(self, req, resp, req_succeeded: bool) -> None:
         model = getattr(req.context, "model", None)

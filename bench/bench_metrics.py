@@ -10,9 +10,11 @@ or looked up with `.labels(...)` on every request); for scale, a getpid() and on
 what one /metrics scrape costs with the files of 1 and 16 processes.
 
 Part 2 starts two real two-worker `sira serve` (embedded Postgres), one with SIRA_ACCESS_LOG=on and
-one without, and loads them in alternating rounds with wrk (POST /v1/infer over keep-alive
-connections) and with one sequential keep-alive client (latency of one request). The access log is
-written by gunicorn after the response is sent; this says what that costs in throughput and latency.
+one without, and loads them in turns with wrk (POST /v1/infer over keep-alive connections) and with
+one sequential keep-alive client (latency of one request). It reports requests/s, and the CPU time
+the server's processes spent per request (read from /proc), which other jobs on the machine disturb
+far less than requests/s. The access log is written after the response is sent: this says what it
+costs in CPU and whether one request waits for it.
 """
 
 from __future__ import annotations
@@ -192,37 +194,56 @@ def sequential_latency_us(url: str, token: str, requests: int) -> float:
     return statistics.median(samples)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time the processes have used (from /proc): robust to other load, unlike requests/s."""
+    ticks = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def run_server_part(seconds: int, rounds: int, connections: int) -> None:
     from app.auth import mint_token
     from bench.worker_classes import run_wrk
 
     token = mint_token(role="sira_service", subject="bench", ttl_s=3600, secret=JWT_SECRET, kid="default")
     os.environ["SIRA_TOKEN"] = token  # read by bench/wrk/post_fixed.lua
-    results = {False: {"rps": [], "p50": [], "p99": [], "seq": []}, True: {"rps": [], "p50": [], "p99": [], "seq": []}}
+    results = {flag: {"rps": [], "cpu_us": [], "p99": [], "seq": []} for flag in (False, True)}
     with tempfile.TemporaryDirectory(prefix="sira-bench-") as off_dir, \
             tempfile.TemporaryDirectory(prefix="sira-bench-") as on_dir:
         servers = {False: start_server(off_dir, False), True: start_server(on_dir, True)}
         try:
             for server in servers.values():
                 run_wrk(server.url + "/v1/infer", 2, connections)  # warm-up
-            for _ in range(rounds):
-                for access_log, server in servers.items():
+            for round_index in range(rounds):
+                order = (False, True) if round_index % 2 == 0 else (True, False)  # neither always goes first
+                for access_log in order:
+                    server = servers[access_log]
+                    children = server.worker_pids()  # HTTP workers and sidecars
+                    cpu_before = cpu_seconds(children)
                     result = run_wrk(server.url + "/v1/infer", seconds, connections)
+                    cpu = cpu_seconds(children) - cpu_before
                     results[access_log]["rps"].append(result["rps"])
-                    results[access_log]["p50"].append(result["p50_us"])
+                    results[access_log]["cpu_us"].append(cpu / result["requests"] * 1e6)
                     results[access_log]["p99"].append(result["p99_us"])
                     results[access_log]["seq"].append(sequential_latency_us(server.url, token, 1000))
         finally:
             for server in servers.values():
                 server.stop()
-    print(f"two servers side by side (2 workers each), wrk {connections} connections x {seconds}s, "
-          f"{rounds} alternating rounds (medians); sequential: one keep-alive client, 1000 requests")
-    print(f"  {'SIRA_ACCESS_LOG':<16}{'requests/s':>12}{'p50 us':>10}{'p99 us':>10}{'one request us':>16}")
+    print(f"two servers side by side (2 workers each), wrk {connections} connections x {seconds}s, {rounds} rounds "
+          "taking turns (medians); CPU: the server's processes' CPU time per request; one request: a sequential "
+          "keep-alive client, 1000 requests")
+    print(f"  {'SIRA_ACCESS_LOG':<16}{'requests/s':>12}{'CPU us/req':>12}{'p99 us':>10}{'one request us':>16}")
     for access_log in (False, True):
         r = results[access_log]
         print(f"  {'on' if access_log else 'off':<16}{statistics.median(r['rps']):>12.0f}"
-              f"{statistics.median(r['p50']):>10.0f}{statistics.median(r['p99']):>10.0f}"
-              f"{statistics.median(r['seq']):>16.0f}")
+              f"{statistics.median(r['cpu_us']):>12.0f}{statistics.median(r['p99']):>10.0f}"
+              f"{statistics.median(r['seq']):>16.0f}   CPU by round: {' '.join(f'{x:.0f}' for x in r['cpu_us'])}")
 
 
 def main() -> None:

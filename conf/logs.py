@@ -36,6 +36,7 @@ MASK = "****"
 MIN_SECRET_CHARS = 8  # shorter values would mask ordinary words
 USER_AGENT_MAX = 200
 ACCESS_LOGGER = "gunicorn.access"
+UNTRUSTED_FIELDS = ("path", "user_agent")  # what a client chooses in an access line
 PIPE_BUF = 4096  # a write() to a pipe up to this size is never interleaved with another's (POSIX)
 
 # The request id of the request this code runs for; set by app.middleware.RequestIdMiddleware. In a
@@ -105,8 +106,8 @@ def utc_iso(created: float) -> str:
     """The API's timestamp format (ISO 8601 UTC, milliseconds, Z) for a record's creation time."""
     second = int(created)
     if second != _formatted_second[0]:
-        _formatted_second[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
-    return f"{_formatted_second[1]}.{int((created - second) * 1000):03d}Z"
+        _formatted_second[:] = second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second))
+    return f"{_formatted_second[1]}{int((created - second) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
@@ -128,8 +129,9 @@ class JsonFormatter(logging.Formatter):
         return self.line(record.created, record.levelname.lower(), record.name, record.getMessage(),
                          record.process, fields)
 
-    def line(self, created: float, level: str, logger: str, message: str, pid: int, fields: dict) -> str:
-        """One log line (no newline): the common fields, the request id, then `fields`."""
+    def line(self, created: float, level: str, logger: str, message: str, pid: int, fields: dict,
+             redact: bool = True) -> str:
+        """One log line (no newline): the common fields, the request id, then `fields`, scrubbed unless told."""
         entry = {
             "timestamp": utc_iso(created),
             "level": level,
@@ -144,7 +146,8 @@ class JsonFormatter(logging.Formatter):
         if request_id is not None:
             entry["request_id"] = request_id
         entry.update(fields)
-        return self.redactor(orjson.dumps(entry, default=str).decode())
+        line = orjson.dumps(entry, default=str).decode()
+        return self.redactor(line) if redact else line
 
 
 class AccessLog:
@@ -163,9 +166,15 @@ class AccessLog:
         self.scheduled = False
 
     def add(self, message: str, fields: dict) -> None:
+        """`message` and the fields named in UNTRUSTED_FIELDS are scrubbed: the rest are the server's own."""
         if self.pid != os.getpid():  # inherited through a fork: the parent's lines are not ours to write
             self.pid, self.pending, self.scheduled = os.getpid(), [], False
-        line = self.formatter.line(time.time(), "info", ACCESS_LOGGER, message, self.pid, fields)
+        redact = self.formatter.redactor
+        for name in UNTRUSTED_FIELDS:
+            if name in fields:
+                fields[name] = redact(fields[name])
+        line = self.formatter.line(time.time(), "info", ACCESS_LOGGER, redact(message), self.pid, fields,
+                                   redact=False)
         self.pending.append(line.encode() + b"\n")
         if self.scheduled:
             return
@@ -258,11 +267,12 @@ def secret_values(settings) -> list[str]:
 
 
 def database_password(url: str) -> str | None:
+    import psycopg
     from psycopg import conninfo
 
     try:
         return conninfo.conninfo_to_dict(url).get("password")
-    except Exception:  # a malformed URL was refused by conf.settings already
+    except psycopg.Error:  # a malformed URL was refused by conf.settings already
         return None
 
 
@@ -297,6 +307,7 @@ class GunicornJsonLogger(glogging.Logger):
             "bytes": getattr(resp, "sent", None),
             "remote_addr": environ.get("REMOTE_ADDR", "-"),
             "user_agent": environ.get("HTTP_USER_AGENT", "-")[:USER_AGENT_MAX],
+            "request_id": None,  # gunicorn's own answers (a malformed request) have none
         }
         for name, value in resp.headers:
             if name.lower() == "x-request-id":

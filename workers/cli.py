@@ -83,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configure_logging(settings: Settings) -> None:
     """JSON lines on stderr at LOG_LEVEL, secrets masked (conf/logs.py); children inherit it."""
-    from conf.logs import configure_logging as configure_json_logging, secret_values
+    from conf.logs import configure_logging as configure_json_logging
+    from conf.logs import secret_values
 
     configure_json_logging(settings.log_level, secret_values(settings))
 

@@ -24,15 +24,15 @@ from gunicorn.config import Config as GunicornConfig
 from app.auth import Authenticator, KeyRing
 from app.cache import cache_segment_name, shared_cache
 from app.config import AppConfig
-from conf.secrets import jwt_secret_or_generate
 from conf.logs import GunicornJsonLogger, access_log_enabled, set_process_role
+from conf.secrets import jwt_secret_or_generate
 from conf.settings import ConfigError, Settings, check_metrics_bind
 from shm.control import ControlBlock
 from shm.segment import segment_name
 from workers.arbiter import Sidecar, SiraArbiter
 from workers.bootstrap import ensure_demo_model
-from workers.modelstore import open_model_store
 from workers.metrics import mark_worker_dead, prepare_multiprocess_dir
+from workers.modelstore import open_model_store
 from workers.paths import MASTER_PIDFILE, MODELS_DIR, WRITER_PIDFILE, data_path
 from workers.supervisor import CONTROL_KIND, IN_USE_DIR, first_model_sync, supervisor_sidecar
 from workers.slots import assign_worker_slot, take_worker_slot

@@ -12,9 +12,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.fixtures.postgres import create_database, drop_database, unique_database_name
-from tests.fixtures.server import (TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, bearer, free_port,
-                                   sira_env)
+from tests.fixtures.server import (module_server, SiraServer, bearer)
 
 ENOUGH_FOR_BOTH_WORKERS = 200
 
@@ -50,18 +48,8 @@ def post_fresh(server: SiraServer, request: dict) -> tuple[dict, int]:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, pg_url):
     """One two-worker server with the default cache for the module."""
-    name = unique_database_name("sira_cache")
-    dsn = create_database(pg_url, name)
-    port = free_port()
-    data_dir = str(tmp_path_factory.mktemp("cache"))
-    env = sira_env(SIRA_DATA_DIR=data_dir, SIRA_BIND=f"127.0.0.1:{port}", SIRA_WORKERS="2",
-                   DATABASE_URL=dsn, JWT_SECRET=TEST_JWT_SECRET, INTERNAL_SERVICE_TOKEN=TEST_INTERNAL_TOKEN)
-    sira = SiraServer(data_dir, env, port)
-    try:
-        yield sira.start()
-    finally:
-        sira.stop()
-        drop_database(pg_url, name)
+    with module_server(tmp_path_factory, pg_url, "cache") as sira:
+        yield sira
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.fixtures.postgres import create_database, drop_database, unique_database_name
-from tests.fixtures.server import (TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, bearer, free_port,
-                                   make_token, sira_env)
+from tests.fixtures.server import (module_server, TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, bearer, make_token)
 
 ERROR_FIELDS = {"error_code", "message", "request_id", "timestamp", "details"}
 
@@ -46,18 +44,10 @@ def assert_error(response: httpx.Response, status: int, code: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(request, tmp_path_factory, pg_url):
+def server(tmp_path_factory, pg_url):
     """One two-worker server for the whole module (the tests only read)."""
-    name = unique_database_name("sira_infer")
-    dsn = create_database(pg_url, name)
-    port = free_port()
-    data_dir = str(tmp_path_factory.mktemp("infer"))
-    env = sira_env(SIRA_DATA_DIR=data_dir, SIRA_BIND=f"127.0.0.1:{port}", SIRA_WORKERS="2",
-                   DATABASE_URL=dsn, JWT_SECRET=TEST_JWT_SECRET, INTERNAL_SERVICE_TOKEN=TEST_INTERNAL_TOKEN)
-    sira = SiraServer(data_dir, env, port).start()
-    yield sira
-    sira.stop()
-    drop_database(pg_url, name)
+    with module_server(tmp_path_factory, pg_url, "infer") as sira:
+        yield sira
 
 
 @pytest.fixture(scope="module")

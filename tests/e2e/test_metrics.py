@@ -23,8 +23,15 @@ from prometheus_client.mmap_dict import MmapedDict
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.fixtures.postgres import create_database, drop_database, unique_database_name
-from tests.fixtures.server import (REPO, TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, bearer, free_port,
-                                   sira_env)
+from tests.fixtures.server import (
+    REPO,
+    TEST_INTERNAL_TOKEN,
+    TEST_JWT_SECRET,
+    SiraServer,
+    bearer,
+    free_port,
+    sira_env,
+)
 
 SEED_METRICS = ("sira_inference_requests_total", "sira_inference_latency_seconds", "sira_inference_cache_hits_total",
                 "sira_inference_cache_misses_total", "sira_models_loaded", "sira_prediction_errors_total",
@@ -158,8 +165,22 @@ def server(tmp_path_factory, pg_url):
         drop_database(pg_url, name)
 
 
+def wait_until_both_workers_are_ready(server: SiraServer) -> None:
+    """The fixture waits for one worker; the fresh-server checks want both to have loaded their model."""
+    ready = set()
+    for _ in range(MAX_ROUNDS):
+        response = httpx.get(server.url + "/readyz", timeout=10)  # a new connection each time
+        if response.status_code == 200:
+            ready.add(response.json()["worker_pid"])
+        if len(ready) >= 2:
+            return
+        time.sleep(0.05)
+    pytest.fail(f"only workers {ready} became ready")
+
+
 def test_a_fresh_server_exports_every_metric_of_the_seed_and_of_deploy(server):
     """deploy/README.md promises it: every name in deploy/metrics.txt is exported by a live server."""
+    wait_until_both_workers_are_ready(server)
     samples = scrape(server.url)
     names = exported_names(samples)
     with open(METRICS_FILE, encoding="utf-8") as handle:
@@ -237,9 +258,9 @@ def wait_for_replacement(server: SiraServer, dead_pid: int, timeout: float = 60.
         workers = [pid for pid in server.worker_pids() if pid != dead_pid]
         files = {int(os.path.basename(p)[len("gauge_livemin_"):-len(".db")])
                  for p in glob.glob(os.path.join(metrics_dir(server), "gauge_livemin_*.db"))}
-        if dead_pid not in files and len(files & set(workers)) >= 2:
-            if httpx.get(server.url + "/readyz", timeout=5).status_code == 200:
-                return
+        replaced = dead_pid not in files and len(files & set(workers)) >= 2
+        if replaced and httpx.get(server.url + "/readyz", timeout=5).status_code == 200:
+            return
         time.sleep(0.1)
     pytest.fail(f"worker {dead_pid} was not replaced within {timeout}s:\n{server.log()[-3000:]}")
 

@@ -10,9 +10,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.fixtures.postgres import create_database, drop_database, unique_database_name
-from tests.fixtures.server import REPO, TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, bearer, free_port, \
-    run_sira, sira_env
+from tests.fixtures.server import module_server, REPO, TEST_INTERNAL_TOKEN, SiraServer, bearer, run_sira
 
 DEMO_MODEL = os.path.join(REPO, "workers", "demo", "fraud_score.onnx")
 DEMO_SPEC = os.path.join(REPO, "workers", "demo", "fraud_score.spec.json")
@@ -23,18 +21,8 @@ SEED_FIELDS = {"model_id", "name", "version", "product", "status", "loaded_at"}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, pg_url):
     """One two-worker server on its own database for the module; each test publishes its own versions."""
-    name = unique_database_name("sira_models_api")
-    dsn = create_database(pg_url, name)
-    port = free_port()
-    data_dir = str(tmp_path_factory.mktemp("models-api"))
-    env = sira_env(SIRA_DATA_DIR=data_dir, SIRA_BIND=f"127.0.0.1:{port}", SIRA_WORKERS="2",
-                   DATABASE_URL=dsn, JWT_SECRET=TEST_JWT_SECRET, INTERNAL_SERVICE_TOKEN=TEST_INTERNAL_TOKEN)
-    sira = SiraServer(data_dir, env, port)
-    try:
-        yield sira.start()
-    finally:
-        sira.stop()
-        drop_database(pg_url, name)
+    with module_server(tmp_path_factory, pg_url, "models_api") as sira:
+        yield sira
 
 
 @pytest.fixture(scope="module")

@@ -12,8 +12,19 @@ from types import SimpleNamespace
 import pytest
 from gunicorn.config import Config
 
-from conf.logs import (MASK, PIPE_BUF, REQUEST_ID, AccessLog, GunicornJsonLogger, JsonFormatter, ProcessRole,
-                       Redactor, access_log_enabled, configure_logging, secret_values)
+from conf.logs import (
+    MASK,
+    PIPE_BUF,
+    REQUEST_ID,
+    AccessLog,
+    GunicornJsonLogger,
+    JsonFormatter,
+    ProcessRole,
+    Redactor,
+    access_log_enabled,
+    configure_logging,
+    secret_values,
+)
 from conf.settings import load_settings
 
 SECRET = "a-jwt-secret-of-more-than-32-bytes-0123456789"
@@ -189,3 +200,15 @@ def test_access_line_outside_an_event_loop_is_written_at_once():
     (chunk,) = writes
     entry = json.loads(chunk)
     assert entry["logger"] == "gunicorn.access" and entry["level"] == "info" and entry["status"] == 404
+
+
+def test_what_a_client_puts_in_an_access_line_is_scrubbed_too(stream):
+    logger = gunicorn_logger("-")
+    response = SimpleNamespace(status=404, sent=0, headers=[])
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": f"/v1/infer/{TOKEN}", "REMOTE_ADDR": "10.0.0.7",
+               "HTTP_USER_AGENT": f"client {SECRET}"}
+    logger.access(response, SimpleNamespace(), environ, SimpleNamespace(seconds=0, microseconds=10))
+    text = stream.getvalue()
+    assert TOKEN not in text and SECRET not in text
+    (entry,) = lines(stream)
+    assert entry["path"] == f"/v1/infer/{MASK}" and entry["message"] == f"GET /v1/infer/{MASK} 404"

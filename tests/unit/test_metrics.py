@@ -21,8 +21,16 @@ from prometheus_client import CollectorRegistry
 
 from app.errors import FeatureValidationFailed, Unauthorized
 from app.main import render_error
-from app.metrics import (CACHE_TYPE, MODEL_LOAD_ERROR_REASONS, MULTIPROC_ENV, MetricsResource, OpsPortMiddleware,
-                         SiraMetrics, check_value_class, start_worker_metrics)
+from app.metrics import (
+    CACHE_TYPE,
+    MODEL_LOAD_ERROR_REASONS,
+    MULTIPROC_ENV,
+    MetricsResource,
+    OpsPortMiddleware,
+    SiraMetrics,
+    check_value_class,
+    start_worker_metrics,
+)
 from app.request_metrics import UNKNOWN, InferenceMetrics, InferenceMetricsMiddleware
 from tests.fixtures.server import REPO
 from workers.metrics import prepare_multiprocess_dir
@@ -49,7 +57,7 @@ def test_a_prediction_counts_one_request_and_one_latency_observation(metrics):
     inference = InferenceMetrics(metrics, models_table(MODEL))
     inference.count_prediction("fraud_score", "m-1", "production", "block", 0.0004)
     inference.count_prediction("fraud_score", "m-1", "production", "block", 0.02)
-    labels = dict(product="fraud_score", model_id="m-1", model_role="production")
+    labels = {"product": "fraud_score", "model_id": "m-1", "model_role": "production"}
     assert value(metrics, "sira_inference_requests_total", decision="block", status="200", **labels) == 2
     assert value(metrics, "sira_inference_latency_seconds_count", **labels) == 2
     assert value(metrics, "sira_inference_latency_seconds_bucket", le="0.0005", **labels) == 1
@@ -207,7 +215,7 @@ def test_middleware_counts_answers_errors_and_refusals_of_single_requests(client
     assert client.simulate_post("/v1/infer", json={"fail": True}).status_code == 400
     assert client.simulate_post("/v1/infer", json={}, headers={"X-Token": "refused"}).status_code == 401
     assert client.simulate_post("/v1/infer", body="{", headers={"Content-Type": "application/json"}).status_code == 400
-    model = dict(product="fraud_score", model_id="m-1", model_role="production")
+    model = {"product": "fraud_score", "model_id": "m-1", "model_role": "production"}
     assert value(metrics, "sira_inference_requests_total", decision="review", status="200", **model) == 1
     assert value(metrics, "sira_inference_latency_seconds_sum", **model) == pytest.approx(0.0005)
     assert value(metrics, "sira_prediction_errors_total", product="fraud_score", model_id="m-1",
@@ -303,9 +311,9 @@ MULTIPROCESS_SCRIPT = textwrap.dedent("""
 
 
 def test_totals_add_up_over_processes_and_dead_ones_drop_their_gauges(tmp_path):
-    env = dict(os.environ, PYTHONPATH=REPO, **{MULTIPROC_ENV: str(tmp_path)})
+    env = {**os.environ, "PYTHONPATH": REPO, MULTIPROC_ENV: str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", MULTIPROCESS_SCRIPT], env=env, cwd=REPO, capture_output=True,
-                            text=True, timeout=60)
+                            text=True, timeout=60, check=False)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["before"]["sira_inference_requests_total"] == 15  # 3 + 5 + 7: every process, the dead too
@@ -350,11 +358,26 @@ def test_hot_value_file_exports_exactly_what_prometheus_client_would(tmp_path):
     for which in ("hot", "prometheus_client"):
         folder = tmp_path / which
         folder.mkdir()
-        env = dict(os.environ, PYTHONPATH=REPO, **{MULTIPROC_ENV: str(folder)})
+        env = {**os.environ, "PYTHONPATH": REPO, MULTIPROC_ENV: str(folder)}
         result = subprocess.run([sys.executable, "-c", SAME_AS_PROMETHEUS_SCRIPT, which], env=env, cwd=REPO,
-                                capture_output=True, text=True, timeout=60)
+                                capture_output=True, text=True, timeout=60, check=False)
         assert result.returncode == 0, result.stderr
         outputs[which] = result.stdout
     assert "sira_inference_latency_seconds_bucket" in outputs["hot"]
     assert 'le="0.0001"' in outputs["hot"] and "sira_inference_requests_total" in outputs["hot"]
     assert families(outputs["hot"]) == families(outputs["prometheus_client"])
+
+
+def test_an_answer_of_unknown_shape_still_leaves_and_is_reported_once(metrics, caplog):
+    class ChangedInfer:
+        async def on_post(self, req, resp):
+            req.context.model = MODEL
+            resp.data = b'{"score": 0.1}'  # not the media the middleware reads
+
+    inference = InferenceMetrics(metrics, models_table(MODEL))
+    app = falcon.asgi.App(middleware=[InferenceMetricsMiddleware(inference)])
+    app.add_route("/v1/infer", ChangedInfer())
+    client = falcon.testing.TestClient(app)
+    for _ in range(2):
+        assert client.simulate_post("/v1/infer", json={}).status_code == 200
+    assert len([r for r in caplog.records if "cannot count" in r.getMessage()]) == 1

@@ -1,4 +1,4 @@
-"""app/openapi.py: the document validates, lists only real routes, and its payload schema is the server's rule.
+"""app/openapi.py and app/openapi_schemas.py: the document validates, lists only real routes, and its payload schema is the server's rule.
 
 The payload schema is generated from a model's feature spec; hypothesis builds payloads around the
 demo model's (valid values, bounds, wrong types, nulls, missing fields, extra fields) and each must
@@ -12,12 +12,14 @@ import os
 import falcon.asgi
 import jsonschema
 import numpy as np
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from openapi_spec_validator import validate
 
 from app.errors import FeatureValidationFailed
 from app.features import load_spec
-from app.openapi import OPERATIONS, app_routes, build_document, error_codes, payload_schema
+from app.openapi import OPERATIONS, app_routes, build_document
+from app.openapi_schemas import error_codes, payload_schema
 from tests.fixtures.server import REPO
 
 SPEC = load_spec(os.path.join(REPO, "workers", "demo", "fraud_score.spec.json"))

@@ -1,0 +1,296 @@
+"""The schemas of the OpenAPI document (app/openapi.py): requests, responses, and each served product's payload.
+
+A product's payload schema is generated from its model's feature spec (``payload_schema``), the
+same rules ``app.features.FeatureSpec.build_row`` applies; ``tests/unit/test_openapi.py`` checks
+that the two accept exactly the same payloads.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.errors import ApiError
+from app.features import MAX_CATEGORY_LENGTH
+from app.requests import EVENT_ID_MAX, PRODUCT_PATTERN, TIMEOUT_MS_MAX
+from workers.registry import STATUSES
+
+# The part of "printable" a pattern can state portably; the `printable` format names the whole rule.
+NO_CONTROL_CHARACTERS = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
+
+
+def error_codes() -> list[str]:
+    """Every error_code the server can answer (app.errors and its subclasses elsewhere)."""
+    codes, todo = set(), list(ApiError.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        codes.add(cls.code)
+    return sorted(codes)
+
+
+# -- components ----------------------------------------------------------------------------------------
+
+def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
+    """The components; `specs` maps each served product to its model's FeatureSpec."""
+    explanation_item = {
+        "type": "object",
+        "required": ["feature", "importance"],
+        "additionalProperties": False,
+        "properties": {
+            "feature": {"type": "string"},
+            "importance": {"type": "number",
+                           "description": "Signed attribution in log-odds: positive pushes toward fraud."},
+        },
+    }
+    infer_request = {
+        "type": "object",
+        "required": ["event_id", "product", "payload"],
+        "description": "One payment event. Unknown top-level fields are ignored.",
+        "properties": {
+            "event_id": {"type": "string", "minLength": 1, "maxLength": EVENT_ID_MAX, "format": "printable",
+                         "pattern": NO_CONTROL_CHARACTERS,
+                         "description": f"The client's id of the event: 1 to {EVENT_ID_MAX} printable characters "
+                                        "(Python's str.isprintable: no control, format, private-use or unassigned "
+                                        "character, no separator but the space; the pattern states the control "
+                                        "characters). It also picks the canary bucket, so an event always meets "
+                                        "the same model."},
+            "product": {"type": "string", "pattern": PRODUCT_PATTERN.pattern.join(("^", "$")),
+                        "description": "Which model scores the event, e.g. fraud_score (404 MODEL_NOT_FOUND when "
+                                       "no model serves it)."},
+            "payload": {"type": "object",
+                        "description": "The event's fields, checked against the product model's feature spec "
+                                       "(400 FEATURE_VALIDATION_FAILED naming the field otherwise). fraud_score "
+                                       "needs amount, currency, country, payment_method; optional numbers go in "
+                                       "`features`. Unknown fields are ignored.",
+                        "examples": [{"amount": 150.5, "currency": "USD", "country": "US", "payment_method": "card",
+                                      "features": {"hour_of_day": 14, "is_weekend": 0}}]},
+            "options": {
+                "type": ["object", "null"],
+                "additionalProperties": False,
+                "properties": {
+                    "include_explanation": {"type": "boolean", "default": True},
+                    "enable_cache": {"type": "boolean", "default": True,
+                                     "description": "false: neither read nor fill the shared prediction cache."},
+                    "timeout_ms": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": TIMEOUT_MS_MAX,
+                                   "description": "A request that took longer gets 504 INFERENCE_TIMEOUT."},
+                },
+            },
+        },
+    }
+    prediction = {
+        "type": "object",
+        "required": ["prediction_id", "model_id", "model_role", "score", "decision", "explain_summary",
+                     "latency_ms", "cached"],
+        "additionalProperties": False,
+        "properties": {
+            "prediction_id": {"type": "string", "format": "uuid"},
+            "model_id": {"type": "string"},
+            "model_role": {"type": "string", "enum": ["production", "canary"]},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "decision": {"$ref": "#/components/schemas/Decision"},
+            "explain_summary": {"type": "array", "items": explanation_item, "maxItems": 5,
+                                "description": "Top features by attribution; empty when include_explanation is false."},
+            "latency_ms": {"type": "number", "minimum": 0, "description": "Server-side time to answer."},
+            "cached": {"type": "boolean", "description": "Answered from the shared prediction cache."},
+        },
+    }
+    logged_prediction = {
+        "type": "object",
+        "required": ["prediction_id", "model_id", "event_id", "product", "score", "decision", "explain",
+                     "latency_ms", "model_role", "cached", "request_id", "created_at"],
+        "additionalProperties": False,
+        "properties": {
+            "prediction_id": {"type": "string", "format": "uuid"},
+            "model_id": {"type": "string"},
+            "event_id": {"type": "string"},
+            "product": {"type": "string"},
+            "score": {"type": "number", "minimum": 0, "maximum": 1},
+            "decision": {"$ref": "#/components/schemas/Decision"},
+            "explain": {"type": ["array", "null"], "items": explanation_item},
+            "latency_ms": {"type": "number", "minimum": 0},
+            "model_role": {"type": "string", "enum": ["production", "canary"]},
+            "cached": {"type": "boolean"},
+            "request_id": {"type": ["string", "null"]},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    }
+    model = {
+        "type": "object",
+        "required": ["model_id", "name", "version", "product", "status", "loaded_at", "threshold", "sha256",
+                     "size_bytes", "storage_key", "created_at", "updated_at"],
+        "additionalProperties": False,
+        "properties": {
+            "model_id": {"type": "string", "format": "uuid"},
+            "name": {"type": "string"},
+            "version": {"type": "string"},
+            "product": {"type": "string"},
+            "status": {"type": "string", "enum": list(STATUSES)},
+            "loaded_at": {"type": ["string", "null"], "format": "date-time",
+                          "description": "When this instance started serving it; null when it does not."},
+            "threshold": {"type": "number"},
+            "sha256": {"type": "string", "pattern": "^[0-9a-f]{64}$"},
+            "size_bytes": {"type": "integer", "minimum": 0},
+            "storage_key": {"type": "string"},
+            "created_at": {"type": ["string", "null"], "format": "date-time"},
+            "updated_at": {"type": ["string", "null"], "format": "date-time"},
+        },
+    }
+    promoted_properties = {
+        "previous_status": {"type": "string", "enum": list(STATUSES)},
+        "archived_model_ids": {"type": "array", "items": {"type": "string", "format": "uuid"},
+                               "description": "Production models of the product archived by this promotion."},
+    }
+    promoted_model = dict(model, required=model["required"] + list(promoted_properties),
+                          properties=dict(model["properties"], **promoted_properties))
+    if specs:
+        infer_request["oneOf"] = [product_variant(product) for product in sorted(specs)] + [
+            {"properties": {"product": {"not": {"enum": sorted(specs)}}}}]
+    payloads = {payload_schema_name(product): payload_schema(spec) for product, spec in sorted(specs.items())}
+    return {
+        **payloads,
+        "Decision": {"type": "string", "enum": ["allow", "review", "block"],
+                     "description": "score >= threshold: block; score >= 0.7 * threshold: review; else allow."},
+        "Error": {
+            "type": "object",
+            "required": ["error_code", "message", "request_id", "timestamp", "details"],
+            "additionalProperties": False,
+            "properties": {
+                "error_code": {"type": "string", "enum": error_codes()},
+                "message": {"type": "string"},
+                "request_id": {"type": ["string", "null"]},
+                "timestamp": {"type": "string", "format": "date-time"},
+                "details": {"type": "object", "description": "e.g. the offending field."},
+            },
+        },
+        "InferRequest": infer_request,
+        "Prediction": prediction,
+        "BatchRequest": {
+            "type": "object",
+            "required": ["events"],
+            "properties": {
+                "events": {
+                    "type": "array", "minItems": 1, "maxItems": batch_max,
+                    "description": f"1 to {batch_max} InferRequest objects (SIRA_BATCH_MAX). An invalid item does "
+                                   "not fail the batch: it gets its own error entry in `results`.",
+                    "items": {"description": "An InferRequest; anything else gets an error entry.",
+                              "examples": [{"event_id": "evt-1", "product": "fraud_score",
+                                            "payload": {"amount": 12.5, "currency": "EUR", "country": "FR",
+                                                        "payment_method": "wallet"}}]},
+                },
+            },
+        },
+        "BatchResponse": {
+            "type": "object",
+            "required": ["results"],
+            "additionalProperties": False,
+            "properties": {
+                "results": {"type": "array", "description": "One entry per event, in request order.",
+                            "items": {"oneOf": [{"$ref": "#/components/schemas/Prediction"},
+                                                {"$ref": "#/components/schemas/Error"}]}},
+            },
+        },
+        "LoggedPrediction": logged_prediction,
+        "Model": model,
+        "PromotedModel": promoted_model,
+        "ModelList": {
+            "type": "object",
+            "required": ["models", "total", "generation"],
+            "additionalProperties": False,
+            "properties": {
+                "models": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}},
+                "total": {"type": "integer", "minimum": 0},
+                "generation": {"type": ["integer", "null"],
+                               "description": "The model generation this worker serves; null before the first."},
+            },
+        },
+        "Health": {
+            "type": "object",
+            "required": ["ok", "service", "timestamp"],
+            "additionalProperties": False,
+            "properties": {"ok": {"const": True}, "service": {"type": "string"},
+                           "timestamp": {"type": "string", "format": "date-time"}},
+        },
+        "Ready": {
+            "type": "object",
+            "required": ["ready", "worker_pid", "generation", "models", "load_errors", "timestamp"],
+            "additionalProperties": False,
+            "properties": {
+                "ready": {"const": True},
+                "worker_pid": {"type": "integer"},
+                "generation": {"type": ["integer", "null"]},
+                "models": {"type": "object", "description": "product -> the model this worker serves for it.",
+                           "additionalProperties": {
+                               "type": "object", "required": ["model_id", "version", "role"],
+                               "properties": {"model_id": {"type": "string"}, "version": {"type": "string"},
+                                              "role": {"type": "string"},
+                                              "loaded_at": {"type": ["string", "null"]}}}},
+                "load_errors": {"type": "object", "additionalProperties": {"type": "string"}},
+                "timestamp": {"type": "string", "format": "date-time"},
+            },
+        },
+    }
+
+
+def payload_schema_name(product: str) -> str:
+    return f"Payload_{product}"
+
+
+def product_variant(product: str) -> dict:
+    """A served product's request: its payload follows that product's model."""
+    return {"properties": {"product": {"const": product},
+                           "payload": {"$ref": f"#/components/schemas/{payload_schema_name(product)}"}}}
+
+
+def payload_schema(spec: Any) -> dict:
+    """What app.features.FeatureSpec.build_row accepts, as JSON Schema.
+
+    `source` is a dotted path into the payload; a nested object may be absent or null, and must be
+    present when it holds a required feature. Numbers are JSON numbers within [min, max] (integral
+    where `integer`), categories strings of at most MAX_CATEGORY_LENGTH; a null or absent optional
+    value takes its default. Fields the spec does not name are ignored.
+    """
+    root = {"type": "object", "description": f"The payload of {spec.product} ({spec.name}).",
+            "properties": {}, "required": []}
+    for feature in spec.features:
+        *containers, key = feature.source.split(".")
+        node = root
+        for name in containers:
+            node = node["properties"].setdefault(name, {"type": ["object", "null"], "properties": {}, "required": []})
+            if feature.required:
+                node["type"] = "object"
+        node["properties"][key] = feature_schema(feature)
+        if feature.required:
+            node["required"].append(key)
+    required_containers(root)
+    return root
+
+
+def feature_schema(feature: Any) -> dict:
+    if feature.vocabulary:  # categorical
+        schema = {"type": "string", "maxLength": MAX_CATEGORY_LENGTH,
+                  "description": "Known values: " + ", ".join(feature.vocabulary[:-1]) + "; any other counts as "
+                                 + feature.vocabulary[-1] + "."}
+    else:
+        schema = {"type": "integer" if feature.integer else "number", "minimum": feature.lo,
+                  "maximum": feature.hi}
+    if not feature.required:
+        schema["type"] = [schema["type"], "null"]
+        schema["default"] = feature_default(feature)
+    return schema
+
+
+def feature_default(feature: Any) -> Any:
+    if feature.vocabulary:
+        return feature.vocabulary[int(feature.default)]
+    return int(feature.default) if feature.integer else feature.default
+
+
+def required_containers(node: dict) -> None:
+    """A nested object that holds a required feature is required itself; empty `required` lists go."""
+    for name, child in node["properties"].items():
+        if "properties" in child:
+            required_containers(child)
+            if child["type"] == "object" and name not in node["required"]:
+                node["required"].append(name)
+    if not node["required"]:
+        del node["required"]
