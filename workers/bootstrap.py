@@ -9,7 +9,7 @@ import logging
 import psycopg
 
 from workers import registry
-from workers.modelstore import LocalModelStore
+from workers.modelstore import ModelStore
 
 log = logging.getLogger("sira.bootstrap")
 
@@ -23,7 +23,7 @@ def demo_files() -> tuple[str, dict]:
     return str(folder / "fraud_score.onnx"), spec
 
 
-def ensure_demo_model(conn: psycopg.Connection, store: LocalModelStore) -> str | None:
+def ensure_demo_model(conn: psycopg.Connection, store: ModelStore) -> str | None:
     """Register the demo model when the registry is empty; returns its model id, or None.
 
     The demo object is put in the store on every start (content-addressed, so idempotent): another

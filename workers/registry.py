@@ -78,13 +78,6 @@ def production_models(conn: psycopg.Connection) -> list[RegistryModel]:
     return [RegistryModel(*row) for row in rows]
 
 
-def registered_products(conn: psycopg.Connection) -> list[str]:
-    """Products that have any model not archived: each must have a production model to be ready."""
-    rows = conn.execute(
-        "SELECT DISTINCT product FROM siramodel_registry WHERE status <> 'archived' ORDER BY product").fetchall()
-    return [row[0] for row in rows]
-
-
 def count_models(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT count(*) FROM siramodel_registry").fetchone()[0]
 
