@@ -41,8 +41,10 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 
 # Why a model did not go live (workers/modelstore.py, workers/smoke.py); created at 0 in every worker
 # so that increase() sees the first failure. Another reason is counted too, from its first failure.
-MODEL_LOAD_ERROR_REASONS = ("unavailable", "missing", "integrity", "store_error", "invalid_spec",
-                            "spec_mismatch", "invalid_model", "smoke_failed", "crashed")
+# The reasons workers/supervisor.py counts (its ModelNotReady reasons), created at 0 at start.
+MODEL_LOAD_ERROR_REASONS = ("registry_unreachable", "store_unreachable", "download_failed", "sha256_mismatch",
+                            "invalid_spec", "invalid_model", "spec_mismatch", "smoke_failed", "load_crashed",
+                            "load_timeout", "invalid_entry", "publish_failed", "internal_error")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,18 +21,8 @@ from collections.abc import Callable
 from typing import Any
 
 from app.errors import CODE_BY_STATUS, ApiError
-from app.metrics import (
-    CACHE_HITS,
-    CACHE_MISSES,
-    CACHE_TYPE,
-    LATENCY,
-    LATENCY_BUCKETS,
-    PREDICTION_ERRORS,
-    REQUESTS,
-    Family,
-    SiraMetrics,
-    multiprocess_dir,
-)
+from app.metrics import (CACHE_HITS, CACHE_MISSES, CACHE_TYPE, LATENCY, LATENCY_BUCKETS, PREDICTION_ERRORS,
+                         REQUESTS, Family, SiraMetrics, multiprocess_dir)
 
 log = logging.getLogger("sira.metrics")
 

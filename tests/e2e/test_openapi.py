@@ -17,14 +17,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from tests.fixtures.postgres import create_database, drop_database, unique_database_name
-from tests.fixtures.server import (
-    REPO,
-    TEST_INTERNAL_TOKEN,
-    TEST_JWT_SECRET,
-    SiraServer,
-    free_port,
-    sira_env,
-)
+from tests.fixtures.server import (REPO, TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, free_port, sira_env)
 
 SCHEMATHESIS = os.path.join(os.path.dirname(sys.executable), "schemathesis")
 SCHEMATHESIS_TIMEOUT_S = 300  # a hard bound; a run takes 40-60 s on two busy cores

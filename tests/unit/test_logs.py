@@ -12,19 +12,8 @@ from types import SimpleNamespace
 import pytest
 from gunicorn.config import Config
 
-from conf.logs import (
-    MASK,
-    PIPE_BUF,
-    REQUEST_ID,
-    AccessLog,
-    GunicornJsonLogger,
-    JsonFormatter,
-    ProcessRole,
-    Redactor,
-    access_log_enabled,
-    configure_logging,
-    secret_values,
-)
+from conf.logs import (ACCESS_FLUSH_S, MASK, PIPE_BUF, REQUEST_ID, AccessLog, GunicornJsonLogger, JsonFormatter,
+                       ProcessRole, Redactor, access_log_enabled, configure_logging, secret_values)
 from conf.settings import load_settings
 
 SECRET = "a-jwt-secret-of-more-than-32-bytes-0123456789"
@@ -177,21 +166,35 @@ def test_access_log_needs_the_switch_and_an_info_level(switch, level, expected):
     assert access_log_enabled(switch, level) is expected
 
 
-def test_access_lines_of_one_loop_iteration_leave_in_pipe_sized_writes():
+def test_access_lines_leave_in_pipe_sized_batches_cut_at_line_ends():
     writes: list[bytes] = []
     access = AccessLog(JsonFormatter(), writes.append)
 
     async def serve_requests():
         for index in range(40):
             access.add(f"GET /healthz 200 #{index}", {"path": "/healthz", "status": 200})
-        assert writes == []  # nothing written while the requests are being answered
-        await asyncio.sleep(0)
+        assert writes, "a full batch is written without waiting"
+        await asyncio.sleep(ACCESS_FLUSH_S + 0.1)  # the rest, once the delay has passed
 
     asyncio.run(serve_requests())
     assert len(writes) >= 2 and all(len(chunk) <= PIPE_BUF for chunk in writes)
+    assert all(chunk.endswith(b"\n") for chunk in writes)
     lines = b"".join(writes).decode().splitlines()
     assert [json.loads(line)["message"] for line in lines] == [f"GET /healthz 200 #{i}" for i in range(40)]
-    assert all(chunk.endswith(b"\n") for chunk in writes)  # cut at line ends only
+
+
+def test_a_lone_access_line_waits_at_most_the_flush_delay():
+    writes: list[bytes] = []
+    access = AccessLog(JsonFormatter(), writes.append)
+
+    async def one_request():
+        access.add("GET /readyz 200", {"path": "/readyz", "status": 200})
+        await asyncio.sleep(0)
+        assert writes == []  # not one write() per line
+        await asyncio.sleep(ACCESS_FLUSH_S + 0.1)
+
+    asyncio.run(one_request())
+    assert [json.loads(chunk)["message"] for chunk in writes] == ["GET /readyz 200"]
 
 
 def test_access_line_outside_an_event_loop_is_written_at_once():

@@ -21,16 +21,8 @@ from prometheus_client import CollectorRegistry
 
 from app.errors import FeatureValidationFailed, Unauthorized
 from app.main import render_error
-from app.metrics import (
-    CACHE_TYPE,
-    MODEL_LOAD_ERROR_REASONS,
-    MULTIPROC_ENV,
-    MetricsResource,
-    OpsPortMiddleware,
-    SiraMetrics,
-    check_value_class,
-    start_worker_metrics,
-)
+from app.metrics import (CACHE_TYPE, MODEL_LOAD_ERROR_REASONS, MULTIPROC_ENV, MetricsResource, OpsPortMiddleware,
+                         SiraMetrics, check_value_class, start_worker_metrics)
 from app.request_metrics import UNKNOWN, InferenceMetrics, InferenceMetricsMiddleware
 from tests.fixtures.server import REPO
 from workers.metrics import prepare_multiprocess_dir
