@@ -255,8 +255,11 @@ def test_fifty_thousand_predictions_survive_two_writer_kills_and_a_postgres_rest
     def restart_postgres(after: int) -> None:
         when_received(after)
         own_postgres.close()  # stops it (pg_ctl -m fast): the writer's session is cut
-        time.sleep(1.0)
+        # Down until the writer has met the outage (traffic keeps coming): a fixed pause raced with
+        # the writer's restart backoff, and then the writer never saw Postgres away.
+        wait_for(lambda: "Postgres is away" in server.log(), "the writer to meet the outage", timeout=60)
         own_postgres.open()
+        wait_for(lambda: "Postgres is back" in server.log(), "the writer to replay its spool", timeout=60)
 
     # 196 batches of 250 plus 1,000 single requests: 50,000 predictions, in two rounds so that each
     # disruption meets traffic.
