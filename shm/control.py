@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass
 from typing import Final, Mapping
 
-from shm.segment import COMMON_HEADER_SIZE, DEFAULT_DIRECTORY, Segment, SegmentError
+from shm.segment import COMMON_HEADER_SIZE, DEFAULT_DIRECTORY, Segment, SegmentBacked, SegmentError
 
 MAGIC: Final = b"SIRACTRL"
 LAYOUT_VERSION: Final = 1
@@ -74,7 +74,7 @@ class ProductEntry:
     mode: str = "canary"         # "canary" (serves its share) or "shadow" (scored, not served)
 
 
-class ControlBlock:
+class ControlBlock(SegmentBacked):
     """Generation counter and model table in one segment; one writer, many readers.
 
     Binary layout (all integers little-endian, offsets in bytes)::
@@ -209,21 +209,6 @@ class ControlBlock:
                 raise ControlCorrupt(f"{self.segment.path}: product {entry.product!r} twice")
             table[entry.product] = entry
         return table
-
-    def close(self) -> None:
-        """Unmap in this process (idempotent)."""
-        self.segment.close()
-
-    def unlink(self) -> None:
-        """Remove the file (creator only, idempotent)."""
-        self.segment.unlink()
-
-    def __enter__(self) -> ControlBlock:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        """Close; the creator also unlinks."""
-        self.segment.__exit__(*exc_info)
 
 
 def buffer_stride(max_products: int) -> int:

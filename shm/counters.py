@@ -9,7 +9,7 @@ from __future__ import annotations
 import struct
 from typing import Final
 
-from shm.segment import COMMON_HEADER_SIZE, DEFAULT_DIRECTORY, Segment, SegmentError
+from shm.segment import COMMON_HEADER_SIZE, DEFAULT_DIRECTORY, Segment, SegmentBacked, SegmentError
 
 MAGIC: Final = b"SIRACNTR"
 LAYOUT_VERSION: Final = 1
@@ -21,7 +21,7 @@ _HEADER = struct.Struct("<I")  # number of cells
 _U64 = struct.Struct("<Q")
 
 
-class CounterBlock:
+class CounterBlock(SegmentBacked):
     """``cells`` unsigned 64-bit counters in one shared segment.
 
     Binary layout (little-endian)::
@@ -101,18 +101,3 @@ class CounterBlock:
     def snapshot(self) -> list[int]:
         """Every cell, in order (each read on its own: cells are not a consistent set)."""
         return list(struct.unpack_from(f"<{self.cells}Q", self._buf, self._data))
-
-    def close(self) -> None:
-        """Unmap in this process (idempotent)."""
-        self.segment.close()
-
-    def unlink(self) -> None:
-        """Remove the file (creator only, idempotent)."""
-        self.segment.unlink()
-
-    def __enter__(self) -> CounterBlock:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        """Close; the creator also unlinks."""
-        self.segment.__exit__(*exc_info)

@@ -24,7 +24,7 @@ import os
 import struct
 from typing import Final, NamedTuple
 
-from shm.segment import COMMON_HEADER_SIZE, DEFAULT_DIRECTORY, Segment, SegmentError
+from shm.segment import COMMON_HEADER_SIZE, DEFAULT_DIRECTORY, Segment, SegmentBacked, SegmentError
 
 MAGIC: Final = b"SIRAQRNG"
 LAYOUT_VERSION: Final = 1
@@ -105,7 +105,7 @@ def record_size(payload_bytes: int) -> int:
     return (payload_bytes + RECORD_HEADER_SIZE + 3) & ~3
 
 
-class QueueRings:
+class QueueRings(SegmentBacked):
     """One segment holding ``slots`` rings of ``ring_bytes`` each.
 
     Binary layout (all integers little-endian, offsets in bytes)::
@@ -191,21 +191,6 @@ class QueueRings:
     def reader(self, slot: int) -> RingReader:
         """The consumer side of one slot."""
         return RingReader(self.segment, slot)
-
-    def close(self) -> None:
-        """Unmap in this process (idempotent)."""
-        self.segment.close()
-
-    def unlink(self) -> None:
-        """Remove the file (creator only, idempotent)."""
-        self.segment.unlink()
-
-    def __enter__(self) -> QueueRings:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        """Close; the creator also unlinks."""
-        self.segment.__exit__(*exc_info)
 
 
 class RingWriter:

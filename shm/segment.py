@@ -281,3 +281,28 @@ def _check_common_header(mm: mmap.mmap, path: str, magic: bytes,
         raise SegmentError(f"segment {path} records header size {header_size}, outside "
                            f"[{COMMON_HEADER_SIZE}, {total_size}]: corrupt")
     return header_size, creator_pid
+
+
+class SegmentBacked:
+    """Lifecycle of a structure laid over one `Segment` held in `self.segment`.
+
+    close() unmaps in this process, unlink() removes the file (creator only), and the context
+    manager closes, the creator also unlinking: the same for every structure of shm/.
+    """
+
+    segment: Segment
+
+    def close(self) -> None:
+        """Unmap in this process (idempotent)."""
+        self.segment.close()
+
+    def unlink(self) -> None:
+        """Remove the file (creator only, idempotent)."""
+        self.segment.unlink()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        """Close; the creator also unlinks."""
+        self.segment.__exit__(*exc_info)
