@@ -23,7 +23,8 @@ from app.model_swap import LiveModelTable
 from app.models import ModelTable
 from app.models_api import ModelPromoteResource, ModelsResource
 from app.predictions import PredictionResource
-from app.predlog import open_prediction_log
+from app.predlog import PredictionLog, open_prediction_log
+from app.predlog_metrics import PredictionLogCollector
 
 log = logging.getLogger("sira.app")
 
@@ -88,6 +89,7 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
     app.add_route("/v1/models", ModelsResource(database, models))
     app.add_route("/v1/models/{model_id}/promote", ModelPromoteResource(database, models))
     app.add_route("/v1/infer/{prediction_id}", PredictionResource(prediction_log, database))
-    install_metrics(app, models, cache, config.metrics_port)  # /metrics and the request counters
+    log_metrics = [PredictionLogCollector(prediction_log)] if isinstance(prediction_log, PredictionLog) else []
+    install_metrics(app, models, cache, config.metrics_port, log_metrics)  # /metrics and the request counters
     install_api_docs(app, config, models)  # /openapi.json and /docs: the app's routes, the served payloads
     return app

@@ -18,8 +18,9 @@ the mode too early. ``SiraMetrics`` refuses to start in the wrong mode.
 
 The request path counts through ``app/request_metrics.py``. Counting functions for the other
 processes (supervisor, writer, model swap): ``count_model_load_error``, ``count_canary_rollback``,
-``set_model_generation``, ``set_models_loaded``, ``set_canary_traffic_ratio``,
-``set_prediction_queue_depth``, ``count_prediction_queue_overflow``; each works in any process.
+``set_model_generation``, ``set_models_loaded``, ``set_canary_traffic_ratio``; each works in any
+process. The prediction log's figures are read at scrape time from its shared counter block
+(``app/predlog_metrics.py``), not copied into these files.
 """
 
 from __future__ import annotations
@@ -153,16 +154,6 @@ class SiraMetrics:
     def canary_rollbacks(self):
         return self._counter(Family("sira_canary_rollbacks_total", "Canaries rolled back automatically.", ("product",)))
 
-    @functools.cached_property
-    def queue_depth(self):
-        return self._gauge("sira_prediction_queue_depth", "Predictions waiting in the queue rings for the writer.",
-                           "livesum")
-
-    @functools.cached_property
-    def queue_overflow(self):
-        return self._counter(Family("sira_prediction_queue_overflow_total",
-                                    "Predictions spilled to an overflow file because a worker's queue ring was full."))
-
 
 def check_value_class(value_class: type) -> None:
     """Refuse to count into the wrong place: multiprocess mode iff PROMETHEUS_MULTIPROC_DIR is set."""
@@ -211,15 +202,6 @@ def set_canary_traffic_ratio(product: str, ratio: float) -> None:
     process_metrics().canary_traffic_ratio.labels(product).set(ratio)
 
 
-def set_prediction_queue_depth(records: int) -> None:
-    """In the writer: predictions waiting in every ring (the processes' values are summed)."""
-    process_metrics().queue_depth.set(records)
-
-
-def count_prediction_queue_overflow(records: int = 1) -> None:
-    process_metrics().queue_overflow.inc(records)
-
-
 def start_worker_metrics(metrics: SiraMetrics, products: Iterable[str], models_loaded: int,
                          generation: int | None) -> None:
     """An HTTP worker's startup: its gauges set, and every counter ops alert on created at 0.
@@ -229,8 +211,6 @@ def start_worker_metrics(metrics: SiraMetrics, products: Iterable[str], models_l
     """
     metrics.models_loaded.set(models_loaded)
     metrics.model_generation.set(generation or 0)
-    metrics.queue_depth.set(0)
-    metrics.queue_overflow.inc(0)
     for reason in MODEL_LOAD_ERROR_REASONS:
         metrics.model_load_errors.labels(reason)
     for product in products:
@@ -240,8 +220,11 @@ def start_worker_metrics(metrics: SiraMetrics, products: Iterable[str], models_l
 
 # -- /metrics and the ops port ------------------------------------------------------------------
 
-def exposition(registry: Any) -> tuple[bytes, str]:
-    """(body, content type) of a scrape: every process's files in multiprocess mode, else `registry`."""
+def exposition(registry: Any, collectors: Iterable[Any] = ()) -> tuple[bytes, str]:
+    """(body, content type) of a scrape: every process's files in multiprocess mode, else `registry`.
+
+    `collectors` read shared state at scrape time (the prediction log's counter block).
+    """
     from prometheus_client import (
         CONTENT_TYPE_LATEST,
         CollectorRegistry,
@@ -253,7 +236,12 @@ def exposition(registry: Any) -> tuple[bytes, str]:
     if path:
         registry = CollectorRegistry()
         MultiProcessCollector(registry, path=path)
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    for collector in collectors:
+        registry.register(collector)
+    body = generate_latest(registry)
+    for collector in collectors:
+        registry.unregister(collector)
+    return body, CONTENT_TYPE_LATEST
 
 
 class MetricsResource:
@@ -263,11 +251,12 @@ class MetricsResource:
     the scraper. Reading the files takes a few milliseconds of this worker's loop per scrape.
     """
 
-    def __init__(self, metrics: SiraMetrics):
+    def __init__(self, metrics: SiraMetrics, collectors: Iterable[Any] = ()):
         self.metrics = metrics
+        self.collectors = tuple(collectors)
 
     async def on_get(self, req, resp):
-        resp.data, resp.content_type = exposition(self.metrics.registry)
+        resp.data, resp.content_type = exposition(self.metrics.registry, self.collectors)
 
 
 class OpsPortMiddleware:
@@ -288,8 +277,12 @@ class OpsPortMiddleware:
                            {"path": req.path})
 
 
-def install_metrics(app: Any, models: Any, cache: Any = None, metrics_port: int | None = None):
-    """In create_app, in the worker: this process's metrics, the counting middleware, /metrics."""
+def install_metrics(app: Any, models: Any, cache: Any = None, metrics_port: int | None = None,
+                    collectors: Iterable[Any] = ()):
+    """In create_app, in the worker: this process's metrics, the counting middleware, /metrics.
+
+    `collectors` add families read from shared memory at scrape time (app/predlog_metrics.py).
+    """
     from app.request_metrics import InferenceMetrics, InferenceMetricsMiddleware
 
     metrics = process_metrics()
@@ -300,5 +293,5 @@ def install_metrics(app: Any, models: Any, cache: Any = None, metrics_port: int 
     if metrics_port is not None:
         app.add_middleware(OpsPortMiddleware(metrics_port))
     app.add_middleware(InferenceMetricsMiddleware(inference))
-    app.add_route("/metrics", MetricsResource(metrics))
+    app.add_route("/metrics", MetricsResource(metrics, collectors))
     return inference

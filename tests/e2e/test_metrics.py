@@ -20,8 +20,8 @@ import uuid
 import httpx
 import pytest
 from prometheus_client.mmap_dict import MmapedDict
-from prometheus_client.parser import text_string_to_metric_families
 
+from tests.fixtures.metrics import Sample, scrape, total
 from tests.fixtures.postgres import create_database, drop_database, unique_database_name
 from tests.fixtures.server import (REPO, TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, bearer, free_port,
                                    sira_env)
@@ -38,27 +38,6 @@ def event(**payload_overrides) -> dict:
                "payment_method": "card", "features": {"hour_of_day": 14, "account_age_days": 700}}
     payload.update(payload_overrides)
     return {"event_id": str(uuid.uuid4()), "product": "fraud_score", "payload": payload}
-
-
-Sample = tuple[str, frozenset]
-
-
-def scrape(url: str) -> dict[Sample, float]:
-    """(sample name, labels) -> value of one /metrics answer."""
-    response = httpx.get(url + "/metrics", timeout=10)
-    assert response.status_code == 200, response.text
-    assert response.headers["content-type"].startswith("text/plain")
-    samples = {}
-    for family in text_string_to_metric_families(response.text):
-        for sample in family.samples:
-            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return samples
-
-
-def total(samples: dict[Sample, float], name: str, **labels: str) -> float:
-    wanted = set(labels.items())
-    return sum(value for (sample, sample_labels), value in samples.items()
-               if sample == name and wanted <= sample_labels)
 
 
 def exported_names(samples: dict[Sample, float]) -> set[str]:

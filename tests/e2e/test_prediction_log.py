@@ -21,6 +21,7 @@ import httpx
 import psycopg
 import pytest
 
+from tests.fixtures.metrics import scrape, total
 from tests.fixtures.server import bearer
 from workers.database import EmbeddedPostgres
 
@@ -126,9 +127,24 @@ def test_a_full_ring_spills_and_get_still_finds_the_spilled_predictions(server_f
         assert os.listdir(os.path.join(server.data_dir, "spool", "overflow"))
         for prediction_id in (ids[0], ids[-1]):  # one in the ring, one in an overflow file
             assert client.get(f"/v1/infer/{prediction_id}").status_code == 200
+        stuck = scrape(server.url)  # the writer is frozen: everything waits in the ring or on disk
+        in_ring = total(stuck, "sira_prediction_queue_depth")
+        spilled = total(stuck, "sira_prediction_queue_overflow_total")
+        assert in_ring > 0 and spilled > 0 and in_ring + spilled == len(ids)
+        assert total(stuck, "sira_prediction_rows_written_total") == 0
     wait_for(lambda: len(logged_ids(fresh_db)) == len(ids), "the writer to take the ring and the spill")
     assert sorted(logged_ids(fresh_db)) == sorted(ids)
     assert "is full; spilling" in server.log()
+    wait_for(lambda: total(scrape(server.url), "sira_prediction_overflow_files") == 0, "the counters to settle")
+    done = scrape(server.url)
+    assert total(done, "sira_prediction_queue_depth") == 0
+    assert total(done, "sira_prediction_queue_overflow_total") == spilled  # a counter: it never goes down
+    assert total(done, "sira_prediction_rows_written_total") == len(ids)
+    assert total(done, "sira_prediction_rows_replayed_total") == spilled  # the overflow files went in
+    assert total(done, "sira_prediction_batch_rows_sum") == len(ids)
+    batches = total(done, "sira_prediction_flush_seconds_count")
+    assert batches == total(done, "sira_prediction_batch_rows_count") and batches >= 2
+    assert total(done, "sira_prediction_flush_seconds_sum") > 0
 
 
 def test_a_killed_workers_ring_is_drained_and_its_successor_takes_its_slot(server_factory, fresh_db):
@@ -269,6 +285,11 @@ def test_fifty_thousand_predictions_survive_two_writer_kills_and_a_postgres_rest
     with httpx.Client(base_url=server.url, headers=bearer(), timeout=10) as client:
         for prediction_id in clients.received[-3:]:  # made a moment ago
             assert client.get(f"/v1/infer/{prediction_id}").status_code == 200
+    wait_for(lambda: total(scrape(server.url), "sira_prediction_spool_batches") == 0, "the spool to empty")
+    figures = scrape(server.url)
+    assert total(figures, "sira_prediction_rows_spooled_total") > 0  # the Postgres restart was met
+    assert total(figures, "sira_prediction_rows_replayed_total") >= total(figures, "sira_prediction_rows_spooled_total")
+    assert total(figures, "sira_prediction_writer_database_up") == 1
 
     assert server.stop() == 0  # SIGTERM: workers stop, then the writer drains everything
     logged = logged_ids(dsn)

@@ -111,8 +111,6 @@ def test_worker_start_creates_the_counters_ops_alert_on_at_zero(metrics):
     for product in ("fraud_score", "other"):
         assert metrics.registry.get_sample_value("sira_canary_rollbacks_total", {"product": product}) == 0
         assert metrics.registry.get_sample_value("sira_canary_traffic_ratio", {"product": product}) == 0
-    assert metrics.registry.get_sample_value("sira_prediction_queue_overflow_total") == 0
-    assert metrics.registry.get_sample_value("sira_prediction_queue_depth") == 0
 
 
 def test_metric_families_are_created_only_when_used(metrics):

@@ -320,3 +320,35 @@ def test_a_worker_beyond_the_slots_is_refused_and_the_count_lowered():
     with pytest.raises(SystemExit) as leaving:
         take_worker_slot(server, worker)
     assert leaving.value.code == 0
+
+
+# -- metrics read from the counter block --------------------------------------------------------
+
+def test_the_collector_reads_the_counter_block_and_the_rings(tmp_path, segments):
+    from prometheus_client import CollectorRegistry
+
+    from app.predlog_metrics import PredictionLogCollector
+
+    rings, stats = segments(slots=2, ring_bytes=4096)
+    log = make_log(tmp_path, rings, stats, slot=1)
+    for _ in range(3):
+        log.append(body(), "evt", "fraud_score", "rid")
+    stats.add(Stat.OVERFLOW_BASE + 0, 2)
+    stats.add(Stat.OVERFLOW_BASE + 1, 5)
+    stats.set(Stat.ROWS_WRITTEN, 900)
+    stats.set(Stat.BATCHES_WRITTEN, 3)
+    stats.set(Stat.FLUSH_US_TOTAL, 1_500_000)
+    stats.set(Stat.SPOOL_BYTES, 4096)
+    stats.set(Stat.OLDEST_UNWRITTEN_MS, 2500)
+    stats.set(Stat.WRITER_HEARTBEAT_MS, 1_000_000)
+    registry = CollectorRegistry()
+    registry.register(PredictionLogCollector(log, clock=lambda: 1_004.5))
+    sample = registry.get_sample_value
+    assert sample("sira_prediction_queue_depth") == 3
+    assert sample("sira_prediction_queue_overflow_total") == 7  # every slot's cell
+    assert sample("sira_prediction_rows_written_total") == 900
+    assert sample("sira_prediction_batch_rows_count") == 3 and sample("sira_prediction_batch_rows_sum") == 900
+    assert sample("sira_prediction_flush_seconds_sum") == 1.5
+    assert sample("sira_prediction_spool_bytes") == 4096
+    assert sample("sira_prediction_oldest_unwritten_seconds") == 2.5
+    assert sample("sira_prediction_writer_heartbeat_age_seconds") == 4.5
