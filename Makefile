@@ -12,7 +12,7 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(VENV)/bin/python -m pip install --quiet --config-settings editable_mode=compat -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet --config-settings editable_mode=compat -e '.[test,bench]'
 	touch $(STAMP)
 
 run: venv
@@ -20,6 +20,10 @@ run: venv
 
 test: venv
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+BENCH_ARGS ?=
+bench: venv
+	$(VENV)/bin/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

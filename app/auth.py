@@ -380,11 +380,14 @@ class Authenticator:
 class AuthMiddleware:
     """Falcon ASGI middleware: a resource's `auth_actions` maps a method to the action it needs.
 
-    A method missing from the mapping, or a resource without one, is public.
+    A method missing from the mapping, or a resource without one, is public. With a `limiter`
+    (app/ratelimit.py), an authenticated request spends from its principal's bucket before it is
+    authorised, and a failed authentication from its client address's bucket before the 401.
     """
 
-    def __init__(self, authenticator: Authenticator):
+    def __init__(self, authenticator: Authenticator, limiter: Any = None):
         self._authenticator = authenticator
+        self._limiter = limiter
 
     async def process_resource(self, req: Any, resp: Any, resource: Any, params: dict) -> None:
         actions = getattr(resource, "auth_actions", None)
@@ -393,7 +396,15 @@ class AuthMiddleware:
         action = actions.get(req.method)
         if action is None:
             return
-        principal = self._authenticator.authenticate(req.get_header("Authorization"))
+        try:
+            principal = self._authenticator.authenticate(req.get_header("Authorization"))
+        except Unauthorized:
+            if self._limiter is not None:
+                client = req.scope.get("client")  # the TCP peer, never a forwarded-for header
+                self._limiter.admit_failed_authentication(client[0] if client else None)
+            raise
+        if self._limiter is not None:
+            self._limiter.admit(principal)
         self._authenticator.authorize(principal, action)
         req.context.principal = principal
 

@@ -42,3 +42,6 @@ class AppConfig:
     control_segment: str | None = None
     models_in_use_dir: str | None = None  # where each worker lists the model files it holds
     metrics_port: int | None = None  # METRICS_BIND's port: only /metrics, /healthz, /readyz there
+    model_stats_segment: str | None = None  # the master's per-model counts (shm/model_stats.py); None: not counted
+    rate_limit_segment: str | None = None  # the master's rate-limit table (app/ratelimit.py); None: no limits
+    rate_limits: Any = None  # conf.rate_limits.RateLimits (SIRA_RATE_LIMITS)

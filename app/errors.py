@@ -57,6 +57,15 @@ class Conflict(ApiError):
     status, code = 409, "CONFLICT"
 
 
+class RequestTimeout(ApiError):
+    """The body did not arrive in time (SIRA_BODY_TIMEOUT_S); the connection is closed after the answer."""
+
+    status, code = 408, "REQUEST_TIMEOUT"
+
+    def __init__(self, message: str, details: dict | None = None):
+        super().__init__(message, details, {"Connection": "close"})
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "PAYLOAD_TOO_LARGE"
 
@@ -88,6 +97,7 @@ CODE_BY_STATUS = {
     403: "FORBIDDEN",
     404: "NOT_FOUND",
     405: "METHOD_NOT_ALLOWED",
+    408: "REQUEST_TIMEOUT",
     409: "CONFLICT",
     411: "INVALID_REQUEST",
     413: "PAYLOAD_TOO_LARGE",

@@ -1,28 +1,83 @@
-"""POST /v1/infer and POST /v1/infer/batch: score payment events with the product's model."""
+"""POST /v1/infer and POST /v1/infer/batch: score payment events with the model each event meets.
+
+Routing (app/canary_routing.py): an event meets its product's canary when its bucket is below the
+canary's share, else production; a shadow model also scores every event of its product after the
+answer has left, and its predictions are logged with ``model_role: shadow``.
+
+A canary that raises or scores something that is not a probability answers nothing: production
+answers that event, the answer says ``"fallback": true``, and the canary's failure is counted in
+the model stats block (shm/model_stats.py), which the supervisor's rollback watch reads. A
+production model that fails gets 503 SERVICE_UNAVAILABLE, never a made-up score.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
+from functools import partial
 
 import numpy as np
 
 from app.cache import PredictionCache
-from app.errors import ApiError, InferenceTimeout, InvalidRequest, ModelNotFound, error_body
+from app.errors import ApiError, InferenceTimeout, InvalidRequest, ModelNotFound, ServiceUnavailable, error_body
 from app.features import decide
+from app.model_stats import NULL_MODEL_STATS
 from app.models import ModelTable, ServingModel
 from app.predlog import NULL_PREDICTION_LOG
 from app.requests import InferRequest, parse_infer_request, read_json_object
 
+log = logging.getLogger("sira.infer")
 perf_counter = time.perf_counter
 uuid4 = uuid.uuid4
 
 
-def model_for(models: ModelTable, product: str, path: str = "") -> ServingModel:
-    model = models.get(product)
+class ModelFailed(Exception):
+    """The model raised or scored something that is not a probability."""
+
+
+def routed_model(models: ModelTable, product: str, event_id: str,
+                 path: str = "") -> tuple[ServingModel, ServingModel | None]:
+    """(the model that answers, a shadow model or None); 404 when no model serves the product."""
+    model, shadow = models.route(product, event_id)
     if model is None:
         raise ModelNotFound(f"no model serves product {product!r}", {"field": path + "product", "product": product})
+    return model, shadow
+
+
+def production_model(models: ModelTable, product: str) -> ServingModel:
+    model = models.get(product)
+    if model is None:
+        raise ServiceUnavailable(f"no production model serves product {product!r} now",
+                                 {"product": product}, {"Retry-After": "1"})
     return model
+
+
+def run_model(model: ServingModel, row, explain: bool) -> tuple[float, list]:
+    """Score one row; ModelFailed when the model raises or the score is not in [0, 1]."""
+    try:
+        score, explanation = model.runner.explain_row(row) if explain else (model.runner.score_row(row), [])
+    except Exception as exc:  # onnxruntime raises its own types; any of them means this model failed
+        raise ModelFailed(f"{type(exc).__name__}: {exc}") from None
+    if not 0.0 <= score <= 1.0:  # NaN fails both comparisons
+        raise ModelFailed(f"score {score!r} is not a probability")
+    return score, explanation
+
+
+def run_model_rows(model: ServingModel, rows, explain: bool) -> tuple[np.ndarray, list | None]:
+    """Score a batch of rows; ModelFailed as ``run_model``."""
+    try:
+        scores, explanations = model.runner.explain_rows(rows) if explain else (model.runner.score_rows(rows), None)
+    except Exception as exc:  # see run_model
+        raise ModelFailed(f"{type(exc).__name__}: {exc}") from None
+    if not (np.all(scores >= 0.0) and np.all(scores <= 1.0)):
+        raise ModelFailed("a score is not a probability")
+    return scores, explanations
+
+
+def log_model_failure(model: ServingModel, reason: str, events: int = 1) -> None:
+    log.error("%s model %s of %s failed on %d event(s): %s", model.role, model.model_id, model.product,
+              events, reason)
 
 
 def prediction(model: ServingModel, score: float, explanation: list, started: float,
@@ -53,11 +108,12 @@ class InferResource:
     auth_actions = {"POST": "infer"}
 
     def __init__(self, models: ModelTable, max_body_bytes: int, cache: PredictionCache | None = None,
-                 prediction_log=NULL_PREDICTION_LOG):
+                 prediction_log=NULL_PREDICTION_LOG, model_stats=NULL_MODEL_STATS):
         self.models = models
         self.max_body_bytes = max_body_bytes
         self.cache = cache
         self.prediction_log = prediction_log
+        self.model_stats = model_stats
 
     def logged(self, body: dict, request: InferRequest, req) -> dict:
         """Every answer goes to the prediction log before it leaves (app/predlog.py)."""
@@ -67,8 +123,30 @@ class InferResource:
     async def on_post(self, req, resp):
         started = perf_counter()
         request = parse_infer_request(await read_json_object(req, self.max_body_bytes))
-        model = model_for(self.models, request.product)
+        model, shadow = routed_model(self.models, request.product, request.event_id)
         req.context.model = model  # labels the request's metrics (app/metrics.py), errors included
+        try:
+            body = self.answer(model, request, started)
+        except ModelFailed as exc:
+            log_model_failure(model, str(exc))
+            if model.role != "canary":
+                raise ServiceUnavailable(f"the model of product {request.product!r} failed on this event",
+                                         {"product": request.product}, {"Retry-After": "1"}) from None
+            model = req.context.model = production_model(self.models, request.product)
+            try:
+                body = self.answer(model, request, started)
+            except ModelFailed as again:
+                log_model_failure(model, str(again))
+                raise ServiceUnavailable(f"the model of product {request.product!r} failed on this event",
+                                         {"product": request.product}, {"Retry-After": "1"}) from None
+            body["fallback"] = True
+        resp.media = self.logged(body, request, req)
+        if shadow is not None:
+            resp.schedule(partial(self.score_shadow, shadow, request, req.context.request_id))
+
+    def answer(self, model: ServingModel, request: InferRequest, started: float) -> dict:
+        """The model's answer to the event, from the cache or a run; counted in the model stats."""
+        counters = self.model_stats.counters(model.model_id, model.role)
         row = model.row
         model.spec.build_row(request.payload, row)
         cache = self.cache if request.enable_cache else None
@@ -76,16 +154,36 @@ class InferResource:
             key = cache.key(model, row)
             hit = cache.get(key, request.include_explanation)
             if hit is not None:
-                resp.media = self.logged(prediction(model, hit[0], hit[1], started, cached=True), request, req)
-                return
-        if request.include_explanation:
-            score, explanation = model.runner.explain_row(row)
-        else:
-            score, explanation = model.runner.score_row(row), []
+                counters.answered(None)
+                return prediction(model, hit[0], hit[1], started, cached=True)
+        run_started = perf_counter()
+        try:
+            score, explanation = run_model(model, row, request.include_explanation)
+        except ModelFailed:
+            counters.failed()
+            raise
+        counters.answered(perf_counter() - run_started)  # the model's own time: comparable across roles
         check_deadline(request, started)
         if cache is not None:
             cache.put(key, score, explanation, request.include_explanation)
-        resp.media = self.logged(prediction(model, score, explanation, started), request, req)
+        return prediction(model, score, explanation, started)
+
+    async def score_shadow(self, model: ServingModel, request: InferRequest, request_id: str | None) -> None:
+        """After the answer left: the shadow model scores the event; logged, never served."""
+        started = perf_counter()
+        counters = self.model_stats.counters(model.model_id, model.role)
+        row = model.row
+        try:
+            model.spec.build_row(request.payload, row)
+            run_started = perf_counter()
+            score, explanation = run_model(model, row, False)
+        except (ModelFailed, ApiError) as exc:
+            counters.failed()
+            log_model_failure(model, str(exc))
+            return
+        counters.answered(perf_counter() - run_started)
+        self.prediction_log.append(prediction(model, score, explanation, started), request.event_id,
+                                   request.product, request_id)
 
 
 class BatchInferResource:
@@ -94,12 +192,14 @@ class BatchInferResource:
     auth_actions = {"POST": "infer"}
 
     def __init__(self, models: ModelTable, max_body_bytes: int, batch_max: int,
-                 cache: PredictionCache | None = None, prediction_log=NULL_PREDICTION_LOG):
+                 cache: PredictionCache | None = None, prediction_log=NULL_PREDICTION_LOG,
+                 model_stats=NULL_MODEL_STATS):
         self.models = models
         self.max_body_bytes = max_body_bytes
         self.batch_max = batch_max
         self.cache = cache
         self.prediction_log = prediction_log
+        self.model_stats = model_stats
 
     async def on_post(self, req, resp):
         started = perf_counter()
@@ -109,14 +209,17 @@ class BatchInferResource:
             raise InvalidRequest(f"events must be a list of 1 to {self.batch_max} infer requests",
                                  {"field": "events", "limit": self.batch_max})
         results: list = [None] * len(events)
-        groups = self.group_valid_events(events, results, req.context.request_id)
+        request_id = req.context.request_id
+        groups, shadows = self.group_valid_events(events, results, request_id)
         keys = self.answer_from_cache(groups, results, started) if self.cache is not None else None
         for model, items in groups.values():
-            self.score_group(model, items, results, started)
+            self.score_group(model, items, results, started, request_id)
         if keys:
             self.store_in_cache(keys, results)
-        self.log_predictions(events, results, req.context.request_id)
+        self.log_predictions(events, results, request_id)
         resp.media = {"results": results}
+        if shadows:
+            resp.schedule(partial(self.score_shadows, shadows, request_id))
 
     def log_predictions(self, events: list, results: list, request_id: str) -> None:
         """Every scored event goes to the prediction log before the answer leaves (app/predlog.py)."""
@@ -128,8 +231,9 @@ class BatchInferResource:
     def answer_from_cache(self, groups: dict, results: list, started: float) -> dict[int, tuple]:
         """Answer the cached events now and drop them from their group; (key, explained) of the rest."""
         cache, keys = self.cache, {}
-        for model_id, (model, items) in list(groups.items()):
+        for group_key, (model, items) in list(groups.items()):
             remaining = []
+            counters = self.model_stats.counters(model.model_id, model.role)
             for item in items:
                 index, request, row = item
                 if request.enable_cache:
@@ -137,49 +241,127 @@ class BatchInferResource:
                     hit = cache.get(key, request.include_explanation)
                     if hit is not None:
                         results[index] = prediction(model, hit[0], hit[1], started, cached=True)
+                        counters.answered(None)
                         continue
                     keys[index] = (key, request.include_explanation)
                 remaining.append(item)
             if remaining:
-                groups[model_id] = (model, remaining)
+                groups[group_key] = (model, remaining)
             else:
-                del groups[model_id]
+                del groups[group_key]
         return keys
 
     def store_in_cache(self, keys: dict[int, tuple], results: list) -> None:
-        """Store the freshly scored answers of the events that missed."""
+        """Store the freshly scored answers of the events that missed (a fallback's answer is not the canary's)."""
         for index, (key, explained) in keys.items():
             answer = results[index]
-            self.cache.put(key, answer["score"], answer["explain_summary"], explained)
+            if "prediction_id" in answer and "fallback" not in answer:
+                self.cache.put(key, answer["score"], answer["explain_summary"], explained)
 
-    def group_valid_events(self, events: list, results: list, request_id: str) -> dict:
-        """Check every event; errors go straight into results, valid rows are grouped by model."""
-        groups: dict[str, tuple[ServingModel, list]] = {}
+    def group_valid_events(self, events: list, results: list, request_id: str) -> tuple[dict, list]:
+        """Check every event; errors go straight into results, valid rows are grouped by model.
+
+        Also returns the (shadow model, request) pairs to score after the answer.
+        """
+        groups: dict[tuple[str, str], tuple[ServingModel, list]] = {}
+        shadows: list[tuple[ServingModel, InferRequest]] = []
         for index, event in enumerate(events):
             path = f"events[{index}]."
             try:
                 if type(event) is not dict:
                     raise InvalidRequest("each event must be a JSON object", {"field": path[:-1]})
                 request = parse_infer_request(event, path)
-                model = model_for(self.models, request.product, path)
+                model, shadow = routed_model(self.models, request.product, request.event_id, path)
                 row = np.empty(len(model.spec), dtype=np.float32)
                 model.spec.build_row(request.payload, row)
             except ApiError as exc:
-                details = dict(exc.details, index=index)
-                if "field" in details and not details["field"].startswith(path):
-                    details["field"] = path + details["field"]
-                results[index] = error_body(exc.code, exc.message, request_id, details)
+                results[index] = event_error(exc, index, path, request_id)
                 continue
-            groups.setdefault(model.model_id, (model, []))[1].append((index, request, row))
-        return groups
+            groups.setdefault((model.model_id, model.role), (model, []))[1].append((index, request, row))
+            if shadow is not None:
+                shadows.append((shadow, request))
+        return groups, shadows
 
-    @staticmethod
-    def score_group(model: ServingModel, items: list, results: list, started: float) -> None:
-        rows = np.stack([row for _, _, row in items])
-        if any(request.include_explanation for _, request, _ in items):
-            scores, explanations = model.runner.explain_rows(rows)
-        else:
-            scores, explanations = model.runner.score_rows(rows), None
+    def score_group(self, model: ServingModel, items: list, results: list, started: float,
+                    request_id: str) -> None:
+        """One model run for the group; a failed canary's events go to production, marked fallback."""
+        explain = any(request.include_explanation for _, request, _ in items)
+        counters = self.model_stats.counters(model.model_id, model.role)
+        run_started = perf_counter()
+        try:
+            scores, explanations = run_model_rows(model, np.stack([row for _, _, row in items]), explain)
+        except ModelFailed as exc:
+            for _ in items:
+                counters.failed()
+            log_model_failure(model, str(exc), len(items))
+            if model.role == "canary":
+                self.fall_back_to_production(model.product, items, results, started, request_id)
+            else:
+                self.answer_unavailable(model.product, items, results, request_id)
+            return
+        run_s = (perf_counter() - run_started) / len(items)  # the model's time per event of the group
         for position, (index, request, _) in enumerate(items):
             explanation = explanations[position] if explanations and request.include_explanation else []
             results[index] = prediction(model, float(scores[position]), explanation, started)
+            counters.answered(run_s)
+
+    def fall_back_to_production(self, product: str, items: list, results: list, started: float,
+                                request_id: str) -> None:
+        production = self.models.get(product)
+        if production is None:
+            self.answer_unavailable(product, items, results, request_id)
+            return
+        rebuilt = []
+        for index, request, _ in items:  # production may have another feature spec
+            row = np.empty(len(production.spec), dtype=np.float32)
+            try:
+                production.spec.build_row(request.payload, row)
+            except ApiError as exc:
+                results[index] = event_error(exc, index, f"events[{index}].", request_id)
+                continue
+            rebuilt.append((index, request, row))
+        if not rebuilt:
+            return
+        self.score_group(production, rebuilt, results, started, request_id)
+        for index, _, _ in rebuilt:
+            if "prediction_id" in results[index]:
+                results[index]["fallback"] = True
+
+    @staticmethod
+    def answer_unavailable(product: str, items: list, results: list, request_id: str) -> None:
+        for index, _, _ in items:
+            results[index] = error_body(ServiceUnavailable.code, f"the model of product {product!r} failed on this event",
+                                        request_id, {"product": product, "index": index})
+
+    async def score_shadows(self, shadows: list, request_id: str | None) -> None:
+        """After the answer left: each shadow model scores its events in one run; logged, never served."""
+        by_model: dict[str, tuple[ServingModel, list]] = {}
+        for model, request in shadows:
+            by_model.setdefault(model.model_id, (model, []))[1].append(request)
+        for model, requests in by_model.values():
+            started = perf_counter()
+            counters = self.model_stats.counters(model.model_id, model.role)
+            try:
+                rows = np.empty((len(requests), len(model.spec)), dtype=np.float32)
+                for position, request in enumerate(requests):
+                    model.spec.build_row(request.payload, rows[position])
+                run_started = perf_counter()
+                scores, _ = run_model_rows(model, rows, False)
+            except (ModelFailed, ApiError) as exc:
+                for _ in requests:
+                    counters.failed()
+                log_model_failure(model, str(exc), len(requests))
+                continue
+            run_s = (perf_counter() - run_started) / len(requests)
+            for position, request in enumerate(requests):
+                counters.answered(run_s)
+                self.prediction_log.append(prediction(model, float(scores[position]), [], started),
+                                           request.event_id, request.product, request_id)
+
+
+def event_error(exc: ApiError, index: int, path: str, request_id: str) -> dict:
+    """A batch event's error entry, its field named from the batch's root."""
+    details = dict(exc.details, index=index)
+    if "field" in details and not details["field"].startswith(path):
+        details["field"] = path + details["field"]
+    return error_body(exc.code, exc.message, request_id, details)

@@ -11,6 +11,7 @@ import orjson
 
 from app.auth import AuthMiddleware
 from app.cache import PredictionCache
+from app.canary_api import CanaryProductResource, CanaryResource, CanaryStopResource
 from app.config import AppConfig
 from app.db import Database
 from app.errors import CODE_BY_STATUS, ApiError, error_body
@@ -20,9 +21,11 @@ from app.metrics import install_metrics
 from app.openapi import install_api_docs
 from app.middleware import RequestIdMiddleware
 from app.model_swap import LiveModelTable
+from app.model_stats import open_model_stats
 from app.models import ModelTable
 from app.models_api import ModelPromoteResource, ModelsResource
 from app.predictions import PredictionResource
+from app.ratelimit import open_rate_limiter
 from app.predlog import PredictionLog, open_prediction_log
 from app.predlog_metrics import PredictionLogCollector
 
@@ -65,7 +68,9 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
         models.load(config.model_files)
 
     app = falcon.asgi.App(
-        middleware=[RequestIdMiddleware(), AuthMiddleware(config.authenticator)],
+        middleware=[RequestIdMiddleware(),
+                    AuthMiddleware(config.authenticator, open_rate_limiter(config.rate_limit_segment,
+                                                                           config.rate_limits))],
         cors_enable=False,
     )
     handler = json_handler()
@@ -81,13 +86,17 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
     # this worker's ring of the prediction log; a middleware for its lifespan (seals spill files)
     prediction_log = open_prediction_log(config.prediction_log, worker_slot)
     app.add_middleware(prediction_log)
-    app.add_route("/v1/infer", InferResource(models, config.max_body_bytes, cache, prediction_log))
+    model_stats = open_model_stats(config.model_stats_segment, worker_slot, models)  # read by the canary watch
+    app.add_route("/v1/infer", InferResource(models, config.max_body_bytes, cache, prediction_log, model_stats))
     app.add_route("/v1/infer/batch", BatchInferResource(models, config.max_body_bytes, config.batch_max, cache,
-                                                        prediction_log))
+                                                        prediction_log, model_stats))
     database = Database(config.database_url)  # opened on first use, closed at lifespan shutdown
     app.add_middleware(database)
     app.add_route("/v1/models", ModelsResource(database, models))
     app.add_route("/v1/models/{model_id}/promote", ModelPromoteResource(database, models))
+    app.add_route("/v1/canary", CanaryResource(database))
+    app.add_route("/v1/canary/{product}", CanaryProductResource(database))
+    app.add_route("/v1/canary/{product}/stop", CanaryStopResource(database))
     app.add_route("/v1/infer/{prediction_id}", PredictionResource(prediction_log, database))
     log_metrics = [PredictionLogCollector(prediction_log)] if isinstance(prediction_log, PredictionLog) else []
     install_metrics(app, models, cache, config.metrics_port, log_metrics)  # /metrics and the request counters

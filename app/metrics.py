@@ -18,8 +18,8 @@ the mode too early. ``SiraMetrics`` refuses to start in the wrong mode.
 
 The request path counts through ``app/request_metrics.py``. Counting functions for the other
 processes (supervisor, writer, model swap): ``count_model_load_error``, ``count_canary_rollback``,
-``set_model_generation``, ``set_models_loaded``, ``set_canary_traffic_ratio``; each works in any
-process. The prediction log's figures are read at scrape time from its shared counter block
+``set_model_generation``, ``set_models_loaded``, ``set_canary_traffic_ratio``, ``count_rate_limited``;
+each works in any process. The prediction log's figures are read at scrape time from its shared counter block
 (``app/predlog_metrics.py``), not copied into these files.
 """
 
@@ -154,6 +154,12 @@ class SiraMetrics:
     def canary_rollbacks(self):
         return self._counter(Family("sira_canary_rollbacks_total", "Canaries rolled back automatically.", ("product",)))
 
+    @functools.cached_property
+    def rate_limited(self):
+        return self._counter(Family("sira_rate_limited_total",
+                                    "Requests refused with 429 RATE_LIMIT_EXCEEDED, by the role whose limit they hit "
+                                    "(anonymous: failed authentication, per client address).", ("role",)))
+
 
 def check_value_class(value_class: type) -> None:
     """Refuse to count into the wrong place: multiprocess mode iff PROMETHEUS_MULTIPROC_DIR is set."""
@@ -200,6 +206,11 @@ def set_models_loaded(count: int) -> None:
 
 def set_canary_traffic_ratio(product: str, ratio: float) -> None:
     process_metrics().canary_traffic_ratio.labels(product).set(ratio)
+
+
+def count_rate_limited(role: str) -> None:
+    """In an HTTP worker: one request refused by the rate limits (app/ratelimit.py)."""
+    process_metrics().rate_limited.labels(role).inc()
 
 
 def start_worker_metrics(metrics: SiraMetrics, products: Iterable[str], models_loaded: int,

@@ -28,8 +28,9 @@ import json
 import logging
 import os
 
+from app.canary_routing import canary_bucket
 from app.config import ModelFile
-from app.metrics import set_model_generation, set_models_loaded
+from app.metrics import set_canary_traffic_ratio, set_model_generation, set_models_loaded
 from app.models import ModelTable, ServingModel
 from shm.control import ControlBlock, ModelSlot, ProductEntry
 from shm.segment import SegmentError
@@ -49,6 +50,8 @@ class LiveModelTable(ModelTable):
         self.in_use_dir = in_use_dir
         self.applied_generation = -1  # the generation this worker serves; -1: none read yet
         self.slots: dict[str, ModelSlot] = {}  # product -> the slot of the model served
+        # product -> (canary or shadow model, its slot, basis points, shadow?): routed per event
+        self.canaries: dict[str, tuple[ServingModel, ModelSlot, int, bool]] = {}
         self.table: dict[str, ProductEntry] = {}  # the published table, as last applied
         self._published_generation = control.generation  # bound once: the per-request check
         self._recorded: frozenset[str] | None = None
@@ -65,6 +68,24 @@ class LiveModelTable(ModelTable):
         if self._published_generation() != self.applied_generation:
             self.swap()
         return self.production.get(product)
+
+    def route(self, product: str, event_id: str) -> tuple[ServingModel | None, ServingModel | None]:
+        """(the model that answers the event, a shadow model that scores it too, or None).
+
+        The canary answers the events whose bucket (app/canary_routing.py) is below its basis
+        points; a shadow model scores every event of its product and answers none.
+        """
+        if self._published_generation() != self.applied_generation:
+            self.swap()
+        canary = self.canaries.get(product)
+        if canary is None:
+            return self.production.get(product), None
+        model, _slot, basis_points, shadow = canary
+        if shadow:
+            return self.production.get(product), model
+        if canary_bucket(product, event_id) < basis_points:
+            return model, None
+        return self.production.get(product), None
 
     def refresh(self) -> None:
         """Swap now if the supervisor published a generation this worker has not applied."""
@@ -97,14 +118,55 @@ class LiveModelTable(ModelTable):
                           entry.production.model_id, product, os.getpid(), exc)
                 if product in self.production:
                     production[product], slots[product] = self.production[product], self.slots[product]
+        canaries = self.load_canaries(table, production)
         self.production, self.slots, self.load_errors, self.table = production, slots, errors, table
+        self.canaries = canaries
         self.expected_products = sorted(table)  # each has a production model in the registry
         self.applied_generation = generation
-        self.record_files_in_use(files_of(slots.values()))
+        self.record_files_in_use(files_of([*slots.values(), *(c[1] for c in canaries.values())]))
         set_models_loaded(len(production))
         set_model_generation(generation)
+        for product, entry in table.items():
+            canary = canaries.get(product)
+            set_canary_traffic_ratio(product, canary[2] / 10_000 if canary and not canary[3] else 0.0)
         log.info("worker %d serves model generation %d: %s", os.getpid(), generation,
                  ", ".join(f"{p}={s.model_id}" for p, s in sorted(slots.items())) or "no model")
+        for product, (model, _slot, basis_points, shadow) in sorted(canaries.items()):
+            log.info("worker %d: %s %s of %s%s", os.getpid(), model.role, model.model_id, product,
+                     "" if shadow else f" on {basis_points / 100:.2f}% of its events")
+
+    def load_canaries(self, table: dict[str, ProductEntry],
+                      production: dict[str, ServingModel]) -> dict[str, tuple[ServingModel, ModelSlot, int, bool]]:
+        """The canary (or shadow) model of each product that has one in force and a production model.
+
+        A canary that fails to load here is left out: its product's events all go to production.
+        """
+        canaries = {}
+        for product, entry in table.items():
+            slot = entry.canary
+            shadow = entry.mode == "shadow"
+            if slot is None or product not in production or not (shadow or entry.canary_bp > 0):
+                continue
+            role = "shadow" if shadow else "canary"
+            try:
+                model = self.canary_model_for(product, slot, role)
+            except Exception as exc:  # the product keeps serving from production alone
+                log.error("%s model %s for %s failed to load in worker %d: %s", role, slot.model_id,
+                          product, os.getpid(), exc)
+                continue
+            canaries[product] = (model, slot, entry.canary_bp, shadow)
+        return canaries
+
+    def canary_model_for(self, product: str, slot: ModelSlot, role: str) -> ServingModel:
+        """The canary's ServingModel: the one held when it is the same model, in the given role."""
+        held = self.canaries.get(product)
+        if held is not None and same_files(held[1], slot):
+            model = held[0]
+            if (model.threshold, model.version, model.role) != (slot.threshold, slot.version, role):
+                model = copy.copy(model)
+                model.threshold, model.version, model.role = float(slot.threshold), slot.version, role
+            return model
+        return ServingModel(model_file_for(product, slot, role))
 
     def model_for(self, product: str, slot: ModelSlot) -> ServingModel:
         """The ServingModel for a slot: the one held when it is the same model, else a new one."""
@@ -120,7 +182,7 @@ class LiveModelTable(ModelTable):
         """A table whose files this worker listed as in use before the supervisor could remove them."""
         while True:
             generation, table = self.control.read_table()
-            upcoming = [entry.production for entry in table.values() if entry.production]
+            upcoming = [slot for entry in table.values() for slot in (entry.production, entry.canary) if slot]
             self.record_files_in_use(files_of(self.slots.values()) | files_of(upcoming))
             if self._published_generation() == generation:
                 return generation, table
@@ -148,7 +210,7 @@ class LiveModelTable(ModelTable):
 
     def loaded_at(self, model_id: str) -> str | None:
         """When the supervisor put this model live on this instance (ISO 8601 UTC), if it serves."""
-        for slot in self.slots.values():
+        for slot in [*self.slots.values(), *(canary[1] for canary in self.canaries.values())]:
             if slot.model_id == model_id:
                 return iso_utc(slot.loaded_at)
         return None
@@ -165,12 +227,12 @@ def same_files(a: ModelSlot, b: ModelSlot) -> bool:
     return (a.model_id, a.path, a.spec_path) == (b.model_id, b.path, b.spec_path)
 
 
-def model_file_for(product: str, slot: ModelSlot) -> ModelFile:
+def model_file_for(product: str, slot: ModelSlot, role: str = "production") -> ModelFile:
     """The ModelFile of a published slot, its feature spec read from the slot's spec file."""
     with open(slot.spec_path, encoding="utf-8") as handle:
         spec = json.load(handle)
     return ModelFile(model_id=slot.model_id, name=str(spec.get("name", product)), version=slot.version,
-                     product=product, path=slot.path, spec=spec, threshold=slot.threshold)
+                     product=product, path=slot.path, spec=spec, threshold=slot.threshold, role=role)
 
 
 def files_of(slots) -> frozenset[str]:

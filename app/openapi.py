@@ -34,6 +34,7 @@ REQUEST_ID_HEADER = {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}}
 PUBLIC: list = []  # an operation's `security` when it needs no token
 ROLES_INFER = "sira_service, fraud_analyst (or the internal service token)"
 ROLES_ML_OPS = "ml_ops (or the internal service token)"
+ROLES_CANARY_READ = "ml_ops, pay_admin (or the internal service token)"
 ROLES_PREDICTIONS = "sira_service, fraud_analyst, ml_ops (or the internal service token)"
 
 
@@ -67,6 +68,8 @@ BODY_ERRORS = {
 AUTH_ERRORS = {
     "401": error_response("UNAUTHORIZED: no token, or one that is invalid or expired."),
     "403": error_response("FORBIDDEN: the token's role may not do this."),
+    "429": error_response("RATE_LIMIT_EXCEEDED: over SIRA_RATE_LIMITS for the token's role and subject (or, "
+                          "failing authentication, for the client address); Retry-After says when to retry."),
 }
 ID_PARAMETER_DESCRIPTION = "A UUID such as 987f6543-e21c-34d5-b678-537625285111 (400 otherwise)."
 
@@ -162,6 +165,70 @@ def op_promote_model() -> dict:
     }
 
 
+def product_parameter() -> dict:
+    return {"name": "product", "in": "path", "required": True, "description": "A product such as fraud_score.",
+            "schema": {"type": "string", "pattern": PRODUCT_PATTERN.pattern.join(("^", "$"))}}
+
+
+CANARY_ERRORS = {
+    "404": error_response("MODEL_NOT_FOUND: a model id is not in the registry."),
+    "409": error_response("CONFLICT: the registry refuses the pair (a model of another product, an archived or "
+                          "production canary, a production id that is not the current production model, the "
+                          "same model twice)."),
+    "503": error_response("SERVICE_UNAVAILABLE: Postgres cannot be reached."),
+}
+
+
+def op_set_canary() -> dict:
+    return {
+        "operationId": "setCanary", "tags": ["canary"], "summary": "Create or replace a product's canary",
+        "description": f"Roles: {ROLES_ML_OPS}. The registry status of the models is not changed; every instance "
+                       "picks the config up within a second. `started_at` restarts for a new canary model or a "
+                       "stopped canary that gets traffic again.",
+        "requestBody": {"required": True, "content": {JSON: {
+            "schema": ref("CanaryRequest"),
+            "examples": {"ten_percent": {"value": {"product": "fraud_score",
+                                                   "canary_model_id": "987f6543-e21c-34d5-b678-537625285111",
+                                                   "production_model_id": "3f2c1a9e-8b7d-4c6e-9f10-2a3b4c5d6e7f",
+                                                   "canary_percent": 10}}}}}},
+        "responses": {
+            "200": json_response("The config as stored.", ref("CanaryConfig")),
+            **BODY_ERRORS, **AUTH_ERRORS, **CANARY_ERRORS,
+        },
+    }
+
+
+def op_get_canary() -> dict:
+    return {
+        "operationId": "getCanary", "tags": ["canary"], "summary": "A product's canary config",
+        "description": f"Roles: {ROLES_CANARY_READ}.",
+        "parameters": [product_parameter()],
+        "responses": {
+            "200": json_response("The config and its latest rollbacks.", ref("CanaryConfig")),
+            "400": error_response("INVALID_REQUEST: a malformed product."),
+            **AUTH_ERRORS,
+            "404": error_response("NOT_FOUND: the product has no canary config."),
+            "503": error_response("SERVICE_UNAVAILABLE: Postgres cannot be reached."),
+        },
+    }
+
+
+def op_stop_canary() -> dict:
+    return {
+        "operationId": "stopCanary", "tags": ["canary"], "summary": "Stop a product's canary",
+        "description": f"Roles: {ROLES_ML_OPS}. Sets canary_percent to 0 (and mode to canary) and logs a manual "
+                       "rollback; stopping a stopped canary changes nothing.",
+        "parameters": [product_parameter()],
+        "responses": {
+            "200": json_response("The config after the stop.", ref("CanaryConfig")),
+            "400": error_response("INVALID_REQUEST: a malformed product."),
+            **AUTH_ERRORS,
+            "404": error_response("NOT_FOUND: the product has no canary config."),
+            "503": error_response("SERVICE_UNAVAILABLE: Postgres cannot be reached."),
+        },
+    }
+
+
 def op_healthz() -> dict:
     return {
         "operationId": "healthz", "tags": ["ops"], "summary": "Liveness", "security": PUBLIC,
@@ -211,6 +278,9 @@ OPERATIONS: dict[tuple[str, str], Callable[[], dict]] = {
     ("/v1/infer/{prediction_id}", "GET"): op_get_prediction,
     ("/v1/models", "GET"): op_list_models,
     ("/v1/models/{model_id}/promote", "POST"): op_promote_model,
+    ("/v1/canary", "POST"): op_set_canary,
+    ("/v1/canary/{product}", "GET"): op_get_canary,
+    ("/v1/canary/{product}/stop", "POST"): op_stop_canary,
     ("/healthz", "GET"): op_healthz,
     ("/readyz", "GET"): op_readyz,
     ("/metrics", "GET"): op_metrics,

@@ -12,6 +12,7 @@ from typing import Any
 from app.errors import ApiError
 from app.features import MAX_CATEGORY_LENGTH
 from app.requests import EVENT_ID_MAX, PRODUCT_PATTERN, TIMEOUT_MS_MAX
+from workers.canary_config import MODES, PERCENT_MAX
 from workers.registry import STATUSES
 
 # The part of "printable" a pattern can state portably; the `printable` format names the whole rule.
@@ -92,6 +93,8 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
                                 "description": "Top features by attribution; empty when include_explanation is false."},
             "latency_ms": {"type": "number", "minimum": 0, "description": "Server-side time to answer."},
             "cached": {"type": "boolean", "description": "Answered from the shared prediction cache."},
+            "fallback": {"type": "boolean", "const": True,
+                         "description": "Present only when the event's canary model failed and production answered."},
         },
     }
     logged_prediction = {
@@ -108,7 +111,7 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
             "decision": {"$ref": "#/components/schemas/Decision"},
             "explain": {"type": ["array", "null"], "items": explanation_item},
             "latency_ms": {"type": "number", "minimum": 0},
-            "model_role": {"type": "string", "enum": ["production", "canary"]},
+            "model_role": {"type": "string", "enum": ["production", "canary", "shadow"]},
             "cached": {"type": "boolean"},
             "request_id": {"type": ["string", "null"]},
             "created_at": {"type": "string", "format": "date-time"},
@@ -192,6 +195,7 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
         "LoggedPrediction": logged_prediction,
         "Model": model,
         "PromotedModel": promoted_model,
+        **canary_schemas(),
         "ModelList": {
             "type": "object",
             "required": ["models", "total", "generation"],
@@ -226,6 +230,65 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
                                               "loaded_at": {"type": ["string", "null"]}}}},
                 "load_errors": {"type": "object", "additionalProperties": {"type": "string"}},
                 "timestamp": {"type": "string", "format": "date-time"},
+            },
+        },
+    }
+
+
+def canary_schemas() -> dict:
+    """POST /v1/canary's body and the config every canary endpoint answers."""
+    uuid = {"type": "string", "format": "uuid"}
+    nullable_uuid = {"type": ["string", "null"], "format": "uuid"}
+    rollback = {
+        "type": "object",
+        "required": ["id", "canary_model_id", "production_model_id", "reason", "metrics", "triggered_by",
+                     "created_at"],
+        "additionalProperties": False,
+        "properties": {
+            "id": {"type": "integer"},
+            "canary_model_id": nullable_uuid,
+            "production_model_id": nullable_uuid,
+            "reason": {"type": "string"},
+            "metrics": {"description": "The figures that decided an automatic rollback; the state before a "
+                                       "manual stop."},
+            "triggered_by": {"type": "string", "description": "auto, or manual:<the token's subject>."},
+            "created_at": {"type": "string", "format": "date-time"},
+        },
+    }
+    return {
+        "CanaryRequest": {
+            "type": "object",
+            "required": ["product", "canary_model_id", "production_model_id", "canary_percent"],
+            "additionalProperties": False,
+            "description": "Unknown fields are refused (400).",
+            "properties": {
+                "product": {"type": "string", "pattern": PRODUCT_PATTERN.pattern.join(("^", "$"))},
+                "canary_model_id": dict(uuid, description="A model of the product, neither archived nor production."),
+                "production_model_id": dict(uuid, description="The product's current production model."),
+                "canary_percent": {"type": "number", "minimum": 0, "maximum": PERCENT_MAX, "multipleOf": 0.01,
+                                   "description": "Share of the product's traffic for the canary, at most two "
+                                                  "decimals; ignored for routing in shadow mode."},
+                "mode": {"type": "string", "enum": list(MODES), "default": "canary",
+                         "description": "canary: the canary answers its share; shadow: it scores a copy."},
+            },
+        },
+        "CanaryConfig": {
+            "type": "object",
+            "required": ["product", "canary_model_id", "production_model_id", "canary_percent", "started_at",
+                         "updated_at", "mode", "updated_by", "recent_rollbacks"],
+            "additionalProperties": False,
+            "properties": {
+                "product": {"type": "string"},
+                "canary_model_id": nullable_uuid,
+                "production_model_id": nullable_uuid,
+                "canary_percent": {"type": "number", "minimum": 0, "maximum": PERCENT_MAX},
+                "started_at": {"type": ["string", "null"], "format": "date-time",
+                               "description": "When this canary model started getting traffic."},
+                "updated_at": {"type": ["string", "null"], "format": "date-time"},
+                "mode": {"type": "string", "enum": list(MODES)},
+                "updated_by": {"type": ["string", "null"],
+                               "description": "The subject of the last change, or auto-rollback."},
+                "recent_rollbacks": {"type": "array", "items": rollback, "description": "Newest first."},
             },
         },
     }

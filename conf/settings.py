@@ -17,6 +17,10 @@ from typing import Any, Callable, Mapping
 
 from psycopg import conninfo
 
+from conf.tls import check_tls, parse_client_auth, parse_pem_file
+
+from conf.rate_limits import RateLimits, parse_rate_limits
+
 
 class ConfigError(ValueError):
     """A setting has a bad value; str() is one line naming the variable and what it expects."""
@@ -65,6 +69,25 @@ def parse_positive_float(value: str) -> float:
         raise ValueError(f"a positive number of seconds, got {value!r}") from None
     if not number > 0 or number != number or number == float("inf"):
         raise ValueError(f"a positive number of seconds, got {value!r}")
+    return number
+
+
+def parse_timeout_s(value: str) -> float:
+    """Seconds, more than 0 and at most an hour."""
+    number = parse_positive_float(value)
+    if number > 3600:
+        raise ValueError(f"a number of seconds from 0 to 3600, got {value!r}")
+    return number
+
+
+def parse_ratio(value: str) -> float:
+    """A factor of at least 1 (a canary may not be judged against a bar below production's)."""
+    try:
+        number = float(value.strip())
+    except ValueError:
+        raise ValueError(f"a number of at least 1, got {value!r}") from None
+    if not 1.0 <= number < float("inf"):
+        raise ValueError(f"a number of at least 1, got {value!r}")
     return number
 
 
@@ -219,6 +242,17 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SIRA_BATCH_MAX", "256", parse_bounded_int(1, 10_000), "Most events in one POST /v1/infer/batch."),
     Setting("SIRA_MAX_BODY_BYTES", "1048576", parse_bounded_int(1024, 64 * 1024 * 1024), "Largest request body accepted (413 above)."),
     Setting("SIRA_KEEPALIVE_S", "5", parse_bounded_int(0, 3600), "Seconds an idle keep-alive connection stays open."),
+    Setting("SIRA_HEADER_TIMEOUT_S", "10", parse_timeout_s,
+            "Seconds a new connection has to send its first request line and headers (slow or silent clients are disconnected)."),
+    Setting("SIRA_BODY_TIMEOUT_S", "10", parse_timeout_s,
+            "Seconds a request has to send its whole body once its headers are in (408 REQUEST_TIMEOUT after, and the connection is closed)."),
+    Setting("SIRA_TLS_CERT", None, parse_pem_file,
+            "PEM certificate chain of the server. With SIRA_TLS_KEY: every listener (METRICS_BIND's too) speaks HTTPS only."),
+    Setting("SIRA_TLS_KEY", None, parse_pem_file, "PEM private key (unencrypted) of SIRA_TLS_CERT."),
+    Setting("SIRA_TLS_CA", None, parse_pem_file,
+            "PEM CA certificates that sign client certificates (mutual TLS); needs SIRA_TLS_CLIENT_AUTH optional or required."),
+    Setting("SIRA_TLS_CLIENT_AUTH", "none", parse_client_auth,
+            "Client certificates: none, optional (checked against SIRA_TLS_CA when sent) or required (the handshake fails without one)."),
     Setting("SIRA_GUNICORN_CONFIG", None, parse_optional_file,
             "Optional gunicorn config file (Python) for ops overrides; applied after SIRA's own settings."),
     Setting("SIRA_QUEUE_RING_BYTES", "4194304", parse_ring_bytes,
@@ -227,6 +261,16 @@ SETTINGS: tuple[Setting, ...] = (
             "Most bytes the prediction writer spools under $SIRA_DATA_DIR/spool while Postgres is away (logged as it fills); at the limit new predictions wait in the rings."),
     Setting("SIRA_WRITER_BATCH_ROWS", "5000", parse_bounded_int(1, 100_000),
             "Most prediction rows the writer sends to Postgres in one COPY and commit."),
+    Setting("SIRA_CANARY_WINDOW_S", "60", parse_positive_float,
+            "Sliding window, in seconds, over which the supervisor compares a canary with production for the automatic rollback."),
+    Setting("SIRA_CANARY_MIN_REQUESTS", "100", parse_bounded_int(1, 100_000_000),
+            "Requests the canary and production must each have served in the window before the canary can be judged."),
+    Setting("SIRA_CANARY_MAX_ERROR_RATIO", "1.5", parse_ratio,
+            "Roll the canary back when its error rate in the window exceeds this many times production's (and it had an error)."),
+    Setting("SIRA_CANARY_MAX_LATENCY_RATIO", "1.3", parse_ratio,
+            "Roll the canary back when its p95 model latency in the window exceeds this many times production's."),
+    Setting("SIRA_RATE_LIMITS", "", parse_rate_limits,
+            "Requests per token subject and role, shared by every worker of the host: comma-separated ROLE=N/second, ROLE=N/minute, ROLE=N/hour or ROLE=unlimited. Roles not named keep their defaults: fraud_analyst, ml_ops, pay_admin 100/minute; sira_service and internal_service (the internal token) unlimited; anonymous (requests failing authentication, per client address) 100/minute. Over it: 429 RATE_LIMIT_EXCEEDED with Retry-After."),
 )
 
 SETTINGS_BY_ENV = {setting.env: setting for setting in SETTINGS}
@@ -257,10 +301,21 @@ class Settings:
     batch_max: int
     max_body_bytes: int
     keepalive_s: int
+    header_timeout_s: float
+    body_timeout_s: float
+    tls_cert: str | None
+    tls_key: str | None
+    tls_ca: str | None
+    tls_client_auth: str
     gunicorn_config: str | None
     queue_ring_bytes: int
     spool_max_bytes: int
     writer_batch_rows: int
+    canary_window_s: float
+    canary_min_requests: int
+    canary_max_error_ratio: float
+    canary_max_latency_ratio: float
+    rate_limits: RateLimits
 
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
@@ -288,6 +343,10 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if values["workers"] is None:
         values["workers"] = default_workers()
     check_metrics_bind(values["bind"], values["metrics_bind"])
+    try:
+        check_tls(values["tls_cert"], values["tls_key"], values["tls_ca"], values["tls_client_auth"])
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     return Settings(**values)
 
 

@@ -24,17 +24,21 @@ from gunicorn.config import Config as GunicornConfig
 from app.auth import Authenticator, KeyRing
 from app.cache import cache_segment_name, shared_cache
 from app.config import AppConfig
+from app.ratelimit import rate_limit_segment_name, shared_rate_limits
 from conf.logs import GunicornJsonLogger, access_log_enabled, set_process_role
 from conf.secrets import jwt_secret_or_generate
 from conf.settings import ConfigError, Settings, check_metrics_bind
+from conf.tls import gunicorn_tls_options
 from shm.control import ControlBlock
+from shm.counters import CounterBlock
+from shm.model_stats import stats_cells
 from shm.segment import segment_name
 from workers.arbiter import Sidecar, SiraArbiter
 from workers.bootstrap import ensure_demo_model
 from workers.metrics import mark_worker_dead, prepare_multiprocess_dir
 from workers.modelstore import open_model_store
 from workers.paths import MASTER_PIDFILE, MODELS_DIR, WRITER_PIDFILE, data_path
-from workers.supervisor import CONTROL_KIND, IN_USE_DIR, first_model_sync, supervisor_sidecar
+from workers.supervisor import CONTROL_KIND, MODEL_STATS_KIND, IN_USE_DIR, first_model_sync, supervisor_sidecar
 from workers.slots import assign_worker_slot, take_worker_slot
 from workers.writer import prediction_log_config, prediction_log_segments, writer_sidecar
 
@@ -110,6 +114,8 @@ class SiraApplication(BaseApplication):
         self.app_config = app_config
         self.sidecars = sidecars or []
         self.worker_slot: int | None = None  # this worker's prediction-log ring, set after the fork
+        self.header_timeout_s = settings.header_timeout_s  # read by workers/http_worker.py
+        self.body_timeout_s = settings.body_timeout_s
         self.ops_options = read_ops_config(settings.gunicorn_config) if settings.gunicorn_config else {}
         super().__init__()
 
@@ -119,7 +125,8 @@ class SiraApplication(BaseApplication):
             # METRICS_BIND: a second listener of the same workers; app/metrics.py limits its paths.
             "bind": [settings.bind] + ([settings.metrics_bind] if settings.metrics_bind else []),
             "workers": settings.workers,
-            "worker_class": "asgi",
+            # gunicorn's asgi worker, with header and body timeouts and no cleartext fallback (workers/http_worker.py)
+            "worker_class": "workers.http_worker.SiraAsgiWorker",
             "asgi_loop": "uvloop",
             "http_parser": "fast",
             "keepalive": settings.keepalive_s,
@@ -141,6 +148,8 @@ class SiraApplication(BaseApplication):
             # `sira reload` is the control interface; gunicorn's control socket would add a thread
             # to the master (forks happen beside it) and one shared socket path for every instance.
             "control_socket_disable": True,
+            # TLS on every listener, METRICS_BIND's too (gunicorn wraps them all); conf/tls.py checked the files
+            **gunicorn_tls_options(settings.tls_cert, settings.tls_key, settings.tls_ca, settings.tls_client_auth),
         }
         for name, value in options.items():
             self.cfg.set(name, value)
@@ -157,9 +166,11 @@ class SiraApplication(BaseApplication):
 
     def load(self):
         """Runs in each worker after the fork: only here may onnxruntime be imported (app/config.py)."""
+        from app.body_deadline import BodyDeadline
         from app.main import create_app
 
-        return create_app(self.app_config, worker_slot=self.worker_slot)
+        # a body cut off by SIRA_BODY_TIMEOUT_S (workers/http_worker.py) is answered 408 (app/body_deadline.py)
+        return BodyDeadline(create_app(self.app_config, worker_slot=self.worker_slot), self.settings.body_timeout_s)
 
 
 def serve(settings: Settings, dsn: str) -> None:
@@ -171,6 +182,7 @@ def serve(settings: Settings, dsn: str) -> None:
     prepare_models(settings, dsn)
     instance_id = f"{os.getpid()}_{secrets.token_hex(4)}"  # names this serve's shm segments
     control_segment = segment_name(instance_id, CONTROL_KIND)
+    model_stats_segment = segment_name(instance_id, MODEL_STATS_KIND)
     app_config = AppConfig(
         model_files=[],  # the workers serve the supervisor's generations (control_segment)
         expected_products=[],
@@ -180,14 +192,19 @@ def serve(settings: Settings, dsn: str) -> None:
         max_body_bytes=settings.max_body_bytes,
         batch_max=settings.batch_max,
         cache_segment=cache_segment_name(instance_id, settings.cache_max_items),
+        model_stats_segment=model_stats_segment,
         database_url=dsn,
         prediction_log=prediction_log_config(settings, dsn, instance_id),
         metrics_port=int(settings.metrics_bind.rpartition(":")[2]) if settings.metrics_bind else None,
+        rate_limit_segment=rate_limit_segment_name(instance_id),
+        rate_limits=settings.rate_limits,
     )
     writer = writer_sidecar(app_config.prediction_log, data_path(settings.data_dir, WRITER_PIDFILE))
-    supervisor = supervisor_sidecar(settings, dsn, control_segment)
+    supervisor = supervisor_sidecar(settings, dsn, control_segment, model_stats_segment)
     with ControlBlock.create(control_segment) as control, \
+            CounterBlock.create(model_stats_segment, stats_cells(settings.workers)), \
             shared_cache(app_config.cache_segment, settings.cache_max_items, settings.cache_ttl_ms), \
+            shared_rate_limits(app_config.rate_limit_segment), \
             prediction_log_segments(app_config.prediction_log):
         first_model_sync(settings, dsn, control)  # workers boot with the models; the supervisor goes on
         SiraApplication(settings, app_config, [supervisor, writer]).run()

@@ -5,13 +5,18 @@ from __future__ import annotations
 import logging
 import os
 
-from workers.modelstore import ModelStore, sha256_of
+from workers.modelstore import ModelStore, sha256_of, storage_key
 from workers.registry import RegistryModel
 
 log = logging.getLogger("sira.models")
 
 
 def local_model_path(models_dir: str, sha256: str) -> str:
+    """The file named by the sha256; ValueError for anything else, so the name stays inside models_dir.
+
+    The registry's CHECK constraint already holds sha256 to 64 hex digits; this does not rely on it.
+    """
+    storage_key(sha256)  # raises ValueError unless sha256 is 64 lower-case hex digits
     return os.path.join(models_dir, f"{sha256}.onnx")
 
 

@@ -78,6 +78,15 @@ def production_models(conn: psycopg.Connection) -> list[RegistryModel]:
     return [RegistryModel(*row) for row in rows]
 
 
+def models_by_id(conn: psycopg.Connection, model_ids: list[str]) -> dict[str, RegistryModel]:
+    """The registered models among these ids, by id (ids not registered are left out)."""
+    if not model_ids:
+        return {}
+    rows = conn.execute(f"SELECT {COLUMNS} FROM siramodel_registry WHERE model_id = ANY(%s::uuid[])",
+                        (list(model_ids),)).fetchall()
+    return {row[0]: RegistryModel(*row) for row in rows}
+
+
 def count_models(conn: psycopg.Connection) -> int:
     return conn.execute("SELECT count(*) FROM siramodel_registry").fetchone()[0]
 

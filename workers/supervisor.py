@@ -47,11 +47,13 @@ import time
 
 import psycopg
 
-from app.metrics import count_model_load_error, set_model_generation
+from app.metrics import count_canary_rollback, count_model_load_error, set_model_generation
 from conf.settings import Settings
 from shm.control import PATH_BYTES, PRODUCT_BYTES, VERSION_BYTES, ControlBlock, ModelSlot, ProductEntry
-from workers import registry
+from workers import canary_config, registry
+from shm.counters import CounterBlock
 from workers.arbiter import Sidecar
+from workers.canary_watch import CHECK_S, CanaryWatch, RollbackRules, RollbackVerdict
 from workers.model_files import ensure_local_copy
 from workers.modelstore import ModelStore, ModelStoreError, open_model_store
 from workers.paths import MODELS_DIR, SUPERVISOR_PIDFILE, data_path
@@ -59,6 +61,7 @@ from workers.paths import MODELS_DIR, SUPERVISOR_PIDFILE, data_path
 log = logging.getLogger("sira.supervisor")
 
 CONTROL_KIND = "control"  # the control block's segment: sira-<instance>-control
+MODEL_STATS_KIND = "modelstats"  # the workers' per-model counts (shm/model_stats.py)
 NOTIFY_CHANNEL = "sira_config_changed"
 STATS_FILE = "model-sync.json"
 IN_USE_DIR = "in-use"
@@ -101,8 +104,9 @@ class ModelSupervisor:
     """Keeps the control block's model table in line with the registry's production models."""
 
     def __init__(self, control: ControlBlock, store: ModelStore, dsn: str, models_dir: str,
-                 stats_path: str, poll_interval_s: float):
+                 stats_path: str, poll_interval_s: float, canary_watch: CanaryWatch | None = None):
         self.control = control
+        self.canary_watch = canary_watch  # None: no automatic rollback (the master's first sync)
         self.store = store
         self.dsn = dsn
         self.models_dir = models_dir
@@ -132,8 +136,10 @@ class ModelSupervisor:
         self.keep_a_check_waiting = True
         self.waiting_check = await start_load_check()
         await self.warm_up_store()
-        tasks = [asyncio.create_task(job()) for job in
-                 (self.sync_forever, self.listen_forever, self.watch_parent)]
+        jobs = [self.sync_forever, self.listen_forever, self.watch_parent]
+        if self.canary_watch is not None:
+            jobs.append(self.watch_canaries)
+        tasks = [asyncio.create_task(job()) for job in jobs]
         stopping = asyncio.create_task(self._stopping.wait())
         try:
             done, _pending = await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
@@ -205,6 +211,30 @@ class ModelSupervisor:
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, LISTEN_RETRY_MAX_S)
 
+    async def watch_canaries(self) -> None:
+        """Compare each canary with production every CHECK_S; roll back the ones that misbehave."""
+        while True:
+            await asyncio.sleep(CHECK_S)
+            self.canary_watch.observe()
+            for verdict in self.canary_watch.verdicts(self.control.read_table()[1]):
+                await self.roll_back(verdict)
+
+    async def roll_back(self, verdict: RollbackVerdict) -> None:
+        """Stop the canary in Postgres (every instance follows its NOTIFY), log and count it."""
+        try:
+            done = await asyncio.to_thread(roll_back_canary, self.dsn, verdict)
+        except psycopg.Error as exc:  # tried again at the next check: the figures still say so
+            log.warning("cannot roll back the canary of %s now: %s", verdict.product, one_line(exc))
+            return
+        self.canary_watch.clear()
+        if done:
+            count_canary_rollback(verdict.product)
+            figures = verdict.figures
+            log.error("canary %s of %s rolled back (%s): canary %s, production %s over %.0fs",
+                      verdict.canary_model_id, verdict.product, verdict.reason, figures["canary"],
+                      figures["production"], figures["window_s"])
+        self.request_sync(f"canary of {verdict.product} rolled back")
+
     async def relay_notifications(self, conn: psycopg.AsyncConnection) -> None:
         """Each notification asks for a sync; an idle connection is probed so a dead one is noticed."""
         while True:
@@ -218,7 +248,7 @@ class ModelSupervisor:
         """Bring the control block in line with the registry; True when nothing failed."""
         started = time.time()
         try:
-            models = await asyncio.to_thread(read_production_models, self.dsn)
+            models, canaries = await asyncio.to_thread(read_serving_state, self.dsn)
         except psycopg.Error as exc:
             self.count_error("registry_unreachable", f"cannot read the model registry: {one_line(exc)}")
             self.finish_sync(started, ok=False)
@@ -236,12 +266,28 @@ class ModelSupervisor:
                 self.count_error(exc.reason, f"model {model.model_id} ({model.product} "
                                              f"{model.version}) is not live, {kept}: {exc}")
                 slot = live
-            new_table[model.product] = entry_with(current, model.product, slot)
+            canary = canaries.get(model.product)
+            canary_slot = None
+            if canary is not None and slot is not None and canary.config.production_model_id == slot.model_id:
+                canary_slot, canary_ok = await self.canary_slot_for(canary, current)
+                ok = ok and canary_ok
+            new_table[model.product] = product_entry(model.product, slot, canary_slot, canary)
         if new_table != table:
             ok = self.publish(new_table) and ok
-        self.remove_unused_files(self.control.read_table()[1], models)
+        self.remove_unused_files(self.control.read_table()[1],
+                                 models + [canary.model for canary in canaries.values()])
         self.finish_sync(started, ok)
         return ok
+
+    async def canary_slot_for(self, canary: CanaryToServe, current: ProductEntry | None) -> tuple[ModelSlot | None, bool]:
+        """The canary's checked slot, or None (production alone serves) when it cannot go live."""
+        live = current.canary if current else None
+        try:
+            return await self.slot_for(canary.model, live), True
+        except ModelNotReady as exc:
+            self.count_error(exc.reason, f"canary model {canary.model.model_id} ({canary.model.product} "
+                                         f"{canary.model.version}) is not live, production serves alone: {exc}")
+            return None, False
 
     def publish(self, table: dict[str, ProductEntry]) -> bool:
         try:
@@ -390,10 +436,37 @@ class ModelSupervisor:
 
 # plain helpers -------------------------------------------------------------------------------
 
-def read_production_models(dsn: str) -> list[registry.RegistryModel]:
-    """The registry's production models (one per product), over a short-lived connection."""
+def roll_back_canary(dsn: str, verdict: RollbackVerdict) -> bool:
     with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
-        return registry.production_models(conn)
+        return canary_config.roll_back(conn, verdict.product, verdict.canary_model_id, verdict.reason,
+                                       verdict.figures)
+
+
+@dataclasses.dataclass(frozen=True)
+class CanaryToServe:
+    """A product's canary config in force and its registered model."""
+
+    config: canary_config.CanaryConfig
+    model: registry.RegistryModel
+
+
+def read_serving_state(dsn: str) -> tuple[list[registry.RegistryModel], dict[str, CanaryToServe]]:
+    """The production models (one per product) and the canaries in force, in one snapshot.
+
+    A config whose canary model is archived (or gone) is not in force: production serves alone.
+    """
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn, \
+            conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        models = registry.production_models(conn)
+        configs = canary_config.active_canaries(conn)
+        registered = registry.models_by_id(conn, [config.canary_model_id for config in configs])
+    canaries = {}
+    for config in configs:
+        model = registered.get(config.canary_model_id)
+        if model is not None and model.status != "archived" and model.product == config.product:
+            canaries[config.product] = CanaryToServe(config, model)
+    return models, canaries
 
 
 async def start_load_check() -> asyncio.subprocess.Process:
@@ -403,11 +476,13 @@ async def start_load_check() -> asyncio.subprocess.Process:
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
 
 
-def entry_with(current: ProductEntry | None, product: str, slot: ModelSlot | None) -> ProductEntry:
-    """The product's entry with this production slot; canary fields carried over as they were."""
-    if current is None:
+def product_entry(product: str, slot: ModelSlot | None, canary_slot: ModelSlot | None,
+                  canary: CanaryToServe | None) -> ProductEntry:
+    """The product's entry: its production slot and, when it is live, its canary and share."""
+    if canary_slot is None or canary is None:
         return ProductEntry(product=product, production=slot)
-    return dataclasses.replace(current, production=slot)
+    return ProductEntry(product=product, production=slot, canary=canary_slot,
+                        canary_bp=canary.config.basis_points, mode=canary.config.mode)
 
 
 def check_fits(model: registry.RegistryModel, path: str) -> None:
@@ -497,7 +572,8 @@ def first_sync(store: ModelStore, dsn: str, control: ControlBlock, models_dir: s
 
 
 def run_supervisor(store: ModelStore, dsn: str, control_segment: str, models_dir: str,
-                   stats_path: str, poll_interval_s: float) -> int:
+                   stats_path: str, poll_interval_s: float, model_stats_segment: str | None = None,
+                   rollback_rules: RollbackRules | None = None) -> int:
     """The sidecar's entry point, in the child the master forked; returns the exit code."""
     import uvloop
 
@@ -507,11 +583,15 @@ def run_supervisor(store: ModelStore, dsn: str, control_segment: str, models_dir
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     os.makedirs(models_dir, exist_ok=True)
     control = ControlBlock.attach(control_segment)
+    model_stats = CounterBlock.attach(model_stats_segment) if model_stats_segment else None
     try:
-        supervisor = ModelSupervisor(control, store, dsn, models_dir, stats_path, poll_interval_s)
+        watch = CanaryWatch(model_stats, rollback_rules or RollbackRules()) if model_stats else None
+        supervisor = ModelSupervisor(control, store, dsn, models_dir, stats_path, poll_interval_s, watch)
         return uvloop.run(supervisor.run())
     finally:
         control.close()
+        if model_stats is not None:
+            model_stats.close()
 
 
 def first_model_sync(settings: Settings, dsn: str, control: ControlBlock) -> bool:
@@ -520,12 +600,20 @@ def first_model_sync(settings: Settings, dsn: str, control: ControlBlock) -> boo
                       data_path(settings.data_dir, STATS_FILE), settings.model_poll_interval_s)
 
 
-def supervisor_sidecar(settings: Settings, dsn: str, control_segment: str) -> Sidecar:
+def rollback_rules(settings: Settings) -> RollbackRules:
+    return RollbackRules(window_s=settings.canary_window_s, min_requests=settings.canary_min_requests,
+                         max_error_ratio=settings.canary_max_error_ratio,
+                         max_latency_ratio=settings.canary_max_latency_ratio)
+
+
+def supervisor_sidecar(settings: Settings, dsn: str, control_segment: str,
+                       model_stats_segment: str | None = None) -> Sidecar:
     """The master's sidecar that runs the supervisor; SIGHUP to the master reaches it."""
 
     def run() -> int:
         return run_supervisor(open_model_store(settings), dsn, control_segment,
                               data_path(settings.data_dir, MODELS_DIR),
-                              data_path(settings.data_dir, STATS_FILE), settings.model_poll_interval_s)
+                              data_path(settings.data_dir, STATS_FILE), settings.model_poll_interval_s,
+                              model_stats_segment, rollback_rules(settings))
 
     return Sidecar("supervisor", run, data_path(settings.data_dir, SUPERVISOR_PIDFILE), forward_hup=True)

@@ -52,6 +52,14 @@ def test_defaults_match_the_documented_table():
     ({"SIRA_KEEPALIVE_S": "x"}, "SIRA_KEEPALIVE_S"),
     ({"SIRA_GUNICORN_CONFIG": "/nope.py"}, "SIRA_GUNICORN_CONFIG"),
     ({"SIRA_DATA_DIR": "  "}, "SIRA_DATA_DIR"),
+    ({"SIRA_CANARY_WINDOW_S": "0"}, "SIRA_CANARY_WINDOW_S"),
+    ({"SIRA_CANARY_WINDOW_S": "a minute"}, "SIRA_CANARY_WINDOW_S"),
+    ({"SIRA_CANARY_MIN_REQUESTS": "0"}, "SIRA_CANARY_MIN_REQUESTS"),
+    ({"SIRA_CANARY_MIN_REQUESTS": "1.5"}, "SIRA_CANARY_MIN_REQUESTS"),
+    ({"SIRA_CANARY_MAX_ERROR_RATIO": "0.9"}, "SIRA_CANARY_MAX_ERROR_RATIO"),
+    ({"SIRA_CANARY_MAX_ERROR_RATIO": "inf"}, "SIRA_CANARY_MAX_ERROR_RATIO"),
+    ({"SIRA_CANARY_MAX_LATENCY_RATIO": "nan"}, "SIRA_CANARY_MAX_LATENCY_RATIO"),
+    ({"SIRA_CANARY_MAX_LATENCY_RATIO": "x1.3"}, "SIRA_CANARY_MAX_LATENCY_RATIO"),
 ])
 def test_bad_value_is_one_line_naming_the_variable(env, variable):
     with pytest.raises(ConfigError) as caught:

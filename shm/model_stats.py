@@ -1,0 +1,201 @@
+"""Per-model request counts and latency histograms of every worker, in one counter block.
+
+The supervisor compares a canary with production over a sliding window (workers/canary_watch.py)
+and needs what every worker of the host saw, without asking them. Each worker writes only the
+region of its own slot (the prediction log's slot, so a restarted worker continues the counts of
+the one it replaces); the reader adds the regions up. It is a layout over ``shm.counters``'s u64
+cells, nothing more::
+
+    region of slot s = cells [s * SLOT_CELLS, (s + 1) * SLOT_CELLS)
+    entry e of a region = ENTRY_CELLS cells:
+        0 model id, high u64 | 1 model id, low u64 | 2 role + 1 (0: a free entry)
+        3 requests | 4 errors | 5 scored (model runs timed) | 6 latency sum, microseconds
+        7 .. 7 + BUCKETS    latency histogram: bucket i counts runs of at most BOUNDS_US[i]
+                            (the last bucket: everything slower)
+
+The latency buckets grow by 10% from 20 us to about 3.6 s, so a p95 read from them is within a
+few percent, fine enough to compare against a 1.3x threshold. A worker that needs an entry and
+finds its region full reuses one of a model it no longer serves (``retire``); a reader sees that
+entry's counts drop and takes the drop as a restart (``window_delta``).
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import uuid
+from typing import Final
+
+from shm.counters import CounterBlock
+
+ROLES: Final = ("production", "canary", "shadow")
+ENTRIES_PER_SLOT: Final = 12
+BUCKETS: Final = 128
+FIRST_BOUND_US: Final = 20.0
+BOUND_RATIO: Final = 1.1
+BOUNDS_US: Final = tuple(FIRST_BOUND_US * BOUND_RATIO ** i for i in range(BUCKETS - 1))  # + overflow bucket
+
+_KEY_HIGH, _KEY_LOW, _ROLE, _REQUESTS, _ERRORS, _SCORED, _LATENCY_SUM, _HISTOGRAM = range(8)
+ENTRY_CELLS: Final = _HISTOGRAM + BUCKETS
+SLOT_CELLS: Final = ENTRIES_PER_SLOT * ENTRY_CELLS
+
+
+def stats_cells(slots: int) -> int:
+    """Size of the counter block for ``slots`` worker slots."""
+    return slots * SLOT_CELLS
+
+
+def _key_cells(model_id: str) -> tuple[int, int]:
+    value = uuid.UUID(model_id).int
+    return value >> 64, value & 0xFFFFFFFFFFFFFFFF
+
+
+class ModelCounters:
+    """One (model, role) entry of this worker's region: the request path's writer. Not thread safe.
+
+    Writes go through a ``memoryview`` of the block cast to u64 cells: one aligned 8-byte store per
+    cell, half the cost of a struct pack (``python -m bench.bench_canary``).
+    """
+
+    __slots__ = ("_cells", "_base", "_histogram")
+
+    def __init__(self, cells: memoryview, first_cell: int):
+        self._cells = cells
+        self._base = first_cell
+        self._histogram = first_cell + _HISTOGRAM
+
+    def answered(self, latency_s: float | None) -> None:
+        """One request answered by this model; ``latency_s`` when the model ran (None: a cache hit)."""
+        cells, base = self._cells, self._base
+        cells[base + _REQUESTS] += 1
+        if latency_s is not None:
+            micros = latency_s * 1e6
+            cells[base + _SCORED] += 1
+            cells[base + _LATENCY_SUM] += int(micros)
+            cells[self._histogram + bisect.bisect_left(BOUNDS_US, micros)] += 1
+
+    def failed(self) -> None:
+        """One request this model could not answer (it raised, or scored nonsense)."""
+        cells, base = self._cells, self._base
+        cells[base + _REQUESTS] += 1
+        cells[base + _ERRORS] += 1
+
+
+class ModelStatsWriter:
+    """A worker's view of its own region: entries found or claimed by (model id, role)."""
+
+    def __init__(self, block: CounterBlock, slot: int):
+        if not 0 <= slot < block.cells // SLOT_CELLS:
+            raise ValueError(f"slot {slot} outside the stats block's {block.cells // SLOT_CELLS} slots")
+        self.block = block
+        self.first_cell = slot * SLOT_CELLS
+        self._entries: dict[tuple[str, str], ModelCounters] = {}
+        self._cells = block.cells_view()
+
+    def close(self) -> None:
+        """Release the view of the block (the block cannot be unmapped while a view exists)."""
+        self._entries.clear()
+        self._cells.release()
+
+    def counters(self, model_id: str, role: str) -> ModelCounters | None:
+        """The entry of (model, role), claimed if new; None when the region is full (not counted)."""
+        key = (model_id, role)
+        found = self._entries.get(key)
+        if found is None:
+            cell = self._find_or_claim(model_id, role)
+            if cell is None:
+                return None
+            found = self._entries[key] = ModelCounters(self._cells, cell)
+        return found
+
+    def retire(self, live: set[tuple[str, str]]) -> None:
+        """Free the entries of models this worker no longer serves (their counts are dropped)."""
+        for entry in range(ENTRIES_PER_SLOT):
+            cell = self.first_cell + entry * ENTRY_CELLS
+            key = self._key_at(cell)
+            if key is not None and key not in live:
+                for offset in range(ENTRY_CELLS):
+                    self.block.set(cell + offset, 0)
+                self._entries.pop(key, None)
+
+    def _key_at(self, cell: int) -> tuple[str, str] | None:
+        role = self.block.get(cell + _ROLE)
+        if not 0 < role <= len(ROLES):
+            return None
+        value = (self.block.get(cell + _KEY_HIGH) << 64) | self.block.get(cell + _KEY_LOW)
+        return str(uuid.UUID(int=value)), ROLES[role - 1]
+
+    def _find_or_claim(self, model_id: str, role: str) -> int | None:
+        free = None
+        for entry in range(ENTRIES_PER_SLOT):
+            cell = self.first_cell + entry * ENTRY_CELLS
+            key = self._key_at(cell)
+            if key == (model_id, role):
+                return cell  # the counts of this slot's previous worker go on
+            if key is None and free is None:
+                free = cell
+        if free is not None:
+            high, low = _key_cells(model_id)
+            self.block.set(free + _KEY_HIGH, high)
+            self.block.set(free + _KEY_LOW, low)
+            self.block.set(free + _ROLE, ROLES.index(role) + 1)  # last: the entry is complete
+        return free
+
+
+@dataclasses.dataclass
+class ModelFigures:
+    """Counts of one (model, role), summed over workers, or the difference of two such sums."""
+
+    requests: int = 0
+    errors: int = 0
+    scored: int = 0
+    latency_sum_us: int = 0
+    histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * BUCKETS)
+
+    def add(self, cells: list[int]) -> None:
+        self.requests += cells[_REQUESTS]
+        self.errors += cells[_ERRORS]
+        self.scored += cells[_SCORED]
+        self.latency_sum_us += cells[_LATENCY_SUM]
+        for i, count in enumerate(cells[_HISTOGRAM:_HISTOGRAM + BUCKETS]):
+            self.histogram[i] += count
+
+    @property
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
+
+    def latency_quantile_ms(self, quantile: float) -> float | None:
+        """The quantile of the timed runs, interpolated inside its bucket; None without runs."""
+        total = sum(self.histogram)
+        if not total:
+            return None
+        rank = quantile * total
+        seen = 0
+        for i, count in enumerate(self.histogram):
+            if count and seen + count >= rank:
+                low = BOUNDS_US[i - 1] if i > 0 else 0.0
+                high = BOUNDS_US[i] if i < len(BOUNDS_US) else BOUNDS_US[-1] * BOUND_RATIO
+                return (low + (high - low) * (rank - seen) / count) / 1000.0
+            seen += count
+        return BOUNDS_US[-1] / 1000.0
+
+    def minus(self, earlier: ModelFigures) -> ModelFigures:
+        """What happened since ``earlier``; a count that went down (an entry reused) counts from 0."""
+        if self.requests < earlier.requests or self.scored < earlier.scored:
+            return dataclasses.replace(self, histogram=list(self.histogram))
+        return ModelFigures(self.requests - earlier.requests, self.errors - earlier.errors,
+                            self.scored - earlier.scored, self.latency_sum_us - earlier.latency_sum_us,
+                            [max(0, a - b) for a, b in zip(self.histogram, earlier.histogram)])
+
+
+def read_model_figures(block: CounterBlock) -> dict[tuple[str, str], ModelFigures]:
+    """(model id, role) -> counts summed over every worker's region (the supervisor's reader)."""
+    cells = block.snapshot()
+    figures: dict[tuple[str, str], ModelFigures] = {}
+    for first in range(0, len(cells) - ENTRY_CELLS + 1, ENTRY_CELLS):
+        role = cells[first + _ROLE]
+        if not 0 < role <= len(ROLES):
+            continue
+        model_id = str(uuid.UUID(int=(cells[first + _KEY_HIGH] << 64) | cells[first + _KEY_LOW]))
+        figures.setdefault((model_id, ROLES[role - 1]), ModelFigures()).add(cells[first:first + ENTRY_CELLS])
+    return figures

@@ -1,0 +1,158 @@
+"""Canary routing (app/canary_routing.py), the model stats block (shm/model_stats.py) and the
+rollback rules (workers/canary_watch.py), each in one process."""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import uuid
+
+import pytest
+
+from app.canary_routing import BUCKETS, canary_bucket, goes_to_canary
+from shm.control import ModelSlot, ProductEntry
+from shm.counters import CounterBlock
+from shm.model_stats import (
+    BOUNDS_US,
+    ModelFigures,
+    ModelStatsWriter,
+    read_model_figures,
+    stats_cells,
+)
+from workers.canary_watch import CanaryWatch, RollbackRules, judge
+
+PROD, CANARY = str(uuid.uuid4()), str(uuid.uuid4())
+
+
+def test_the_bucket_is_the_documented_hash():
+    digest = hashlib.sha256("fraud_score\x00evt-42".encode()).digest()
+    assert canary_bucket("fraud_score", "evt-42") == int.from_bytes(digest[:8], "big") % 10_000
+
+
+def test_buckets_spread_evenly_and_raising_the_percent_only_adds_events():
+    events = [f"evt-{i}" for i in range(20_000)]
+    at_10 = {e for e in events if goes_to_canary("fraud_score", e, 1000)}
+    at_25 = {e for e in events if goes_to_canary("fraud_score", e, 2500)}
+    assert 0.09 * len(events) <= len(at_10) <= 0.11 * len(events)
+    assert at_10 <= at_25
+    assert not any(goes_to_canary("fraud_score", e, 0) for e in events[:1000])
+    assert all(goes_to_canary("fraud_score", e, BUCKETS) for e in events[:1000])
+
+
+def test_the_product_takes_part_in_the_hash():
+    events = [f"evt-{i}" for i in range(2000)]
+    a = {e for e in events if goes_to_canary("fraud_score", e, 1000)}
+    b = {e for e in events if goes_to_canary("risk_score", e, 1000)}
+    assert a != b
+
+
+class Writers:
+    """ModelStatsWriters over one block, released before the block is closed."""
+
+    def __init__(self, block: CounterBlock):
+        self.block = block
+        self.made: list[ModelStatsWriter] = []
+
+    def __call__(self, slot: int) -> ModelStatsWriter:
+        self.made.append(ModelStatsWriter(self.block, slot))
+        return self.made[-1]
+
+
+@pytest.fixture
+def block(tmp_path):
+    made = CounterBlock.create("stats", stats_cells(3), directory=str(tmp_path))
+    yield made
+    made.close()
+    made.unlink()
+
+
+@pytest.fixture
+def writer(block):
+    writers = Writers(block)
+    yield writers
+    for made in writers.made:
+        made.close()
+
+
+def test_counts_of_every_worker_add_up_and_a_successor_continues_its_slot(block, writer):
+    first, second = writer(0), writer(2)
+    for _ in range(5):
+        first.counters(PROD, "production").answered(0.0004)
+    first.counters(CANARY, "canary").failed()
+    second.counters(PROD, "production").answered(None)  # a cache hit: counted, not timed
+    writer(0).counters(PROD, "production").answered(0.0004)  # a restarted worker 0
+    figures = read_model_figures(block)
+    production = figures[(PROD, "production")]
+    assert (production.requests, production.errors, production.scored) == (7, 0, 6)
+    assert 0.36 <= production.latency_quantile_ms(0.95) <= 0.44
+    assert figures[(CANARY, "canary")].errors == 1 and figures[(CANARY, "canary")].error_rate == 1.0
+
+
+def test_a_full_region_frees_entries_of_models_no_longer_served(block, writer):
+    one = writer(1)
+    old = [str(uuid.uuid4()) for _ in range(12)]
+    for model_id in old:
+        one.counters(model_id, "production").answered(None)
+    assert one.counters(PROD, "production") is None
+    one.retire({(old[0], "production")})
+    assert one.counters(PROD, "production") is not None
+    assert set(read_model_figures(block)) == {(old[0], "production"), (PROD, "production")}
+
+
+def figures(requests: int, errors: int = 0, latency_ms: float = 0.3) -> ModelFigures:
+    """Window figures whose every timed run took ``latency_ms``."""
+    result = ModelFigures(requests=requests, errors=errors, scored=requests - errors)
+    result.histogram[bisect.bisect_left(BOUNDS_US, latency_ms * 1000)] = result.scored
+    return result
+
+
+RULES = RollbackRules(window_s=60, min_requests=100, max_error_ratio=1.5, max_latency_ratio=1.3)
+
+
+def test_judge_needs_enough_requests_on_both_sides():
+    assert judge(figures(99, errors=99), figures(1000), RULES) is None
+    assert judge(figures(1000, errors=500), figures(99), RULES) is None
+
+
+def test_judge_rolls_back_errors_above_the_ratio_and_tolerates_those_below():
+    assert judge(figures(200, errors=1), figures(1000), RULES) == "error_rate"  # production never fails
+    assert judge(figures(1000, errors=16), figures(1000, errors=10), RULES) == "error_rate"
+    assert judge(figures(1000, errors=14), figures(1000, errors=10), RULES) is None
+
+
+def test_judge_rolls_back_a_slow_canary_and_tolerates_noise():
+    assert judge(figures(500, latency_ms=5.0), figures(500, latency_ms=0.3), RULES) == "latency_p95"
+    assert judge(figures(500, latency_ms=0.33), figures(500, latency_ms=0.3), RULES) is None
+
+
+def slot(model_id: str) -> ModelSlot:
+    return ModelSlot(model_id=model_id, version="v", path="/m.onnx", spec_path="/m.spec.json",
+                     threshold=0.5, loaded_at=0.0)
+
+
+def test_the_watch_judges_the_window_and_forgets_what_is_older(block, writer):
+    now = [0.0]
+    watch = CanaryWatch(block, RollbackRules(window_s=10, min_requests=10), clock=lambda: now[0])
+    writer = writer(0)
+    table = {"fraud_score": ProductEntry("fraud_score", slot(PROD), slot(CANARY), canary_bp=1000)}
+    for _ in range(50):
+        writer.counters(CANARY, "canary").failed()  # old failures, before the window
+        writer.counters(PROD, "production").answered(0.0003)
+    watch.observe()
+    now[0] = 20.0
+    watch.observe()
+    now[0] = 31.0
+    for _ in range(50):
+        writer.counters(CANARY, "canary").answered(0.0003)
+        writer.counters(PROD, "production").answered(0.0003)
+    watch.observe()
+    assert watch.verdicts(table) == []  # the failures are older than the window
+    for _ in range(20):
+        writer.counters(CANARY, "canary").failed()
+    now[0] = 32.0
+    watch.observe()
+    (verdict,) = watch.verdicts(table)
+    assert verdict.reason == "error_rate" and verdict.canary_model_id == CANARY
+    assert verdict.figures["canary"]["errors"] == 20
+    stopped = {"fraud_score": ProductEntry("fraud_score", slot(PROD), slot(CANARY), canary_bp=0)}
+    assert watch.verdicts(stopped) == []  # a stopped canary is not judged
