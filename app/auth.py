@@ -21,7 +21,7 @@ import itertools
 import math
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -83,16 +83,24 @@ class KeyRing:
     @classmethod
     def from_config(cls, jwt_secret: str | None, secret_kid: str, public_key_files: dict[str, str]) -> KeyRing:
         """Builds the ring from JWT_SECRET (HS256, the default kid) and kid -> PEM public key files."""
+        return cls.from_secrets({secret_kid: jwt_secret} if jwt_secret else {}, secret_kid, public_key_files)
+
+    @classmethod
+    def from_secrets(cls, hmac_secrets: dict[str, str], default_kid: str, public_key_files: dict[str, str]) -> KeyRing:
+        """Builds the ring from kid -> HS256 secret (JWT_SECRET_FILE may hold several) and kid -> PEM files.
+
+        `default_kid` verifies tokens without a kid; it is ignored when there is no HS256 secret.
+        """
         keys: dict[str, tuple[str, Any]] = {}
-        if jwt_secret:
-            _check_kid(secret_kid)
-            keys[secret_kid] = ("HS256", _hmac_secret(jwt_secret))
+        for kid, secret in hmac_secrets.items():
+            _check_kid(kid)
+            keys[kid] = ("HS256", _hmac_secret(secret))
         for kid, path in public_key_files.items():
             _check_kid(kid)
             if kid in keys:
                 raise ValueError(f"key id {kid!r} of {path} is already the JWT secret's kid")
             keys[kid] = load_public_key(path)
-        return cls(keys, secret_kid if jwt_secret else None)
+        return cls(keys, default_kid if hmac_secrets else None)
 
     def get(self, kid: str) -> tuple[str, Any] | None:
         """(algorithm, key) for a kid, or None when the kid is unknown."""
@@ -261,13 +269,14 @@ class Authenticator:
     """Turns an Authorization header into a Principal and checks it against the role table.
 
     Keeps up to `cache_size` verified tokens (0 turns the cache off) until their exp. Not thread
-    safe: one per process, used from its event loop.
+    safe: one per process, used from its event loop. `internal_token` may be several tokens, all
+    accepted (a rotation overlaps them); `replace_credentials` swaps keys and tokens in place (SIGHUP).
     """
 
     def __init__(
         self,
         keyring: KeyRing,
-        internal_token: str | None,
+        internal_token: str | Iterable[str] | None,
         issuer: str | None = None,
         audience: str | None = None,
         leeway_s: float = 5.0,
@@ -275,7 +284,7 @@ class Authenticator:
         clock: Callable[[], float] = time.time,
     ):
         self._keyring = keyring
-        self._internal_token = internal_token.encode("utf-8") if internal_token else None
+        self._internal_tokens = _token_bytes(internal_token)
         self._issuer = issuer
         self._audience = audience
         self._leeway = float(leeway_s)
@@ -293,6 +302,16 @@ class Authenticator:
             "enforce_minimum_key_length": True,
         }
 
+    def replace_credentials(self, keyring: KeyRing, internal_token: str | Iterable[str] | None) -> None:
+        """New keys and internal tokens in force from the next request; verified tokens are checked again."""
+        self._keyring = keyring
+        self._internal_tokens = _token_bytes(internal_token)
+        self._cache.clear()  # a token verified by a key now removed must be refused
+
+    @property
+    def kids(self) -> list[str]:
+        return self._keyring.kids()
+
     @property
     def cached_tokens(self) -> int:
         """How many verified tokens the cache holds now."""
@@ -301,10 +320,11 @@ class Authenticator:
     def authenticate(self, authorization_header: str | None) -> Principal:
         """The principal of a Bearer header; raises Unauthorized when it is missing, malformed or invalid."""
         token = _bearer_token(authorization_header)
-        if self._internal_token is not None and hmac.compare_digest(
-            token.encode("utf-8", "surrogatepass"), self._internal_token
-        ):
-            return INTERNAL_PRINCIPAL
+        if self._internal_tokens:
+            presented = token.encode("utf-8", "surrogatepass")
+            for expected in self._internal_tokens:
+                if hmac.compare_digest(presented, expected):
+                    return INTERNAL_PRINCIPAL
         now = self._clock()
         cached = self._cache.get(token)
         if cached is not None:
@@ -375,6 +395,14 @@ class Authenticator:
         if excess > 0:
             for token in list(itertools.islice(self._cache, excess)):
                 del self._cache[token]
+
+
+def _token_bytes(tokens: str | Iterable[str] | None) -> tuple[bytes, ...]:
+    if not tokens:
+        return ()
+    if isinstance(tokens, str):
+        tokens = (tokens,)
+    return tuple(token.encode("utf-8") for token in tokens if token)
 
 
 class AuthMiddleware:

@@ -45,3 +45,5 @@ class AppConfig:
     model_stats_segment: str | None = None  # the master's per-model counts (shm/model_stats.py); None: not counted
     rate_limit_segment: str | None = None  # the master's rate-limit table (app/ratelimit.py); None: no limits
     rate_limits: Any = None  # conf.rate_limits.RateLimits (SIRA_RATE_LIMITS)
+    dependencies_file: str | None = None  # the supervisor's view of Postgres and the store (app/dependencies.py)
+    tracing: bool = False  # OpenTelemetry traces (app/tracing.py: tracing_requested); False: nothing traced

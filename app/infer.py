@@ -22,6 +22,7 @@ import numpy as np
 from app.cache import PredictionCache
 from app.errors import ApiError, InferenceTimeout, InvalidRequest, ModelNotFound, ServiceUnavailable, error_body
 from app.features import decide
+from app.metrics import count_model_failure
 from app.model_stats import NULL_MODEL_STATS
 from app.models import ModelTable, ServingModel
 from app.predlog import NULL_PREDICTION_LOG
@@ -75,9 +76,13 @@ def run_model_rows(model: ServingModel, rows, explain: bool) -> tuple[np.ndarray
     return scores, explanations
 
 
-def log_model_failure(model: ServingModel, reason: str, events: int = 1) -> None:
+def report_model_failure(model: ServingModel, reason: str, events: int = 1) -> None:
+    """Log a model's failure; a canary's or shadow's is also counted (a production failure is a 503,
+    which the request metrics count). A failed canary's events fall back to production."""
     log.error("%s model %s of %s failed on %d event(s): %s", model.role, model.model_id, model.product,
               events, reason)
+    if model.role != "production":
+        count_model_failure(model.product, model.model_id, model.role == "canary", events)
 
 
 def prediction(model: ServingModel, score: float, explanation: list, started: float,
@@ -106,6 +111,7 @@ class InferResource:
     """One event, one model run (or one batched run when an explanation is asked for)."""
 
     auth_actions = {"POST": "infer"}
+    tracer = None  # tracing on: app/main.py sets it (app/tracing.py); None: no span is ever made
 
     def __init__(self, models: ModelTable, max_body_bytes: int, cache: PredictionCache | None = None,
                  prediction_log=NULL_PREDICTION_LOG, model_stats=NULL_MODEL_STATS):
@@ -115,20 +121,24 @@ class InferResource:
         self.prediction_log = prediction_log
         self.model_stats = model_stats
 
-    def logged(self, body: dict, request: InferRequest, req) -> dict:
+    def logged(self, body: dict, request: InferRequest, req, trace_id: str | None = None) -> dict:
         """Every answer goes to the prediction log before it leaves (app/predlog.py)."""
-        self.prediction_log.append(body, request.event_id, request.product, req.context.request_id)
+        self.prediction_log.append(body, request.event_id, request.product, req.context.request_id, trace_id)
         return body
 
     async def on_post(self, req, resp):
         started = perf_counter()
-        request = parse_infer_request(await read_json_object(req, self.max_body_bytes))
+        if self.tracer is None:
+            request = parse_infer_request(await read_json_object(req, self.max_body_bytes))
+        else:  # tracing on (app/tracing.py); so below
+            with self.tracer.start_as_current_span("parse"):
+                request = parse_infer_request(await read_json_object(req, self.max_body_bytes))
         model, shadow = routed_model(self.models, request.product, request.event_id)
         req.context.model = model  # labels the request's metrics (app/metrics.py), errors included
         try:
             body = self.answer(model, request, started)
         except ModelFailed as exc:
-            log_model_failure(model, str(exc))
+            report_model_failure(model, str(exc))
             if model.role != "canary":
                 raise ServiceUnavailable(f"the model of product {request.product!r} failed on this event",
                                          {"product": request.product}, {"Retry-After": "1"}) from None
@@ -136,11 +146,15 @@ class InferResource:
             try:
                 body = self.answer(model, request, started)
             except ModelFailed as again:
-                log_model_failure(model, str(again))
+                report_model_failure(model, str(again))
                 raise ServiceUnavailable(f"the model of product {request.product!r} failed on this event",
                                          {"product": request.product}, {"Retry-After": "1"}) from None
             body["fallback"] = True
-        resp.media = self.logged(body, request, req)
+        if self.tracer is None:
+            resp.media = self.logged(body, request, req)
+        else:
+            with self.tracer.start_as_current_span("log append"):
+                resp.media = self.logged(body, request, req, req.context.trace_id)
         if shadow is not None:
             resp.schedule(partial(self.score_shadow, shadow, request, req.context.request_id))
 
@@ -154,19 +168,26 @@ class InferResource:
             key = cache.key(model, row)
             hit = cache.get(key, request.include_explanation)
             if hit is not None:
-                counters.answered(None)
-                return prediction(model, hit[0], hit[1], started, cached=True)
+                answer = prediction(model, hit[0], hit[1], started, cached=True)
+                counters.answered(None, answer["decision"])
+                return answer
         run_started = perf_counter()
         try:
-            score, explanation = run_model(model, row, request.include_explanation)
+            if self.tracer is None:
+                score, explanation = run_model(model, row, request.include_explanation)
+            else:
+                with self.tracer.start_as_current_span("score"):
+                    score, explanation = run_model(model, row, request.include_explanation)
         except ModelFailed:
             counters.failed()
             raise
-        counters.answered(perf_counter() - run_started)  # the model's own time: comparable across roles
+        run_s = perf_counter() - run_started  # the model's own time: comparable across roles
         check_deadline(request, started)
         if cache is not None:
             cache.put(key, score, explanation, request.include_explanation)
-        return prediction(model, score, explanation, started)
+        answer = prediction(model, score, explanation, started)
+        counters.answered(run_s, answer["decision"])
+        return answer
 
     async def score_shadow(self, model: ServingModel, request: InferRequest, request_id: str | None) -> None:
         """After the answer left: the shadow model scores the event; logged, never served."""
@@ -179,11 +200,12 @@ class InferResource:
             score, explanation = run_model(model, row, False)
         except (ModelFailed, ApiError) as exc:
             counters.failed()
-            log_model_failure(model, str(exc))
+            report_model_failure(model, str(exc))
             return
-        counters.answered(perf_counter() - run_started)
-        self.prediction_log.append(prediction(model, score, explanation, started), request.event_id,
-                                   request.product, request_id)
+        run_s = perf_counter() - run_started
+        answer = prediction(model, score, explanation, started)
+        counters.answered(run_s, answer["decision"])
+        self.prediction_log.append(answer, request.event_id, request.product, request_id)
 
 
 class BatchInferResource:
@@ -240,8 +262,8 @@ class BatchInferResource:
                     key = cache.key(model, row)
                     hit = cache.get(key, request.include_explanation)
                     if hit is not None:
-                        results[index] = prediction(model, hit[0], hit[1], started, cached=True)
-                        counters.answered(None)
+                        results[index] = answer = prediction(model, hit[0], hit[1], started, cached=True)
+                        counters.answered(None, answer["decision"])
                         continue
                     keys[index] = (key, request.include_explanation)
                 remaining.append(item)
@@ -293,7 +315,7 @@ class BatchInferResource:
         except ModelFailed as exc:
             for _ in items:
                 counters.failed()
-            log_model_failure(model, str(exc), len(items))
+            report_model_failure(model, str(exc), len(items))
             if model.role == "canary":
                 self.fall_back_to_production(model.product, items, results, started, request_id)
             else:
@@ -302,8 +324,8 @@ class BatchInferResource:
         run_s = (perf_counter() - run_started) / len(items)  # the model's time per event of the group
         for position, (index, request, _) in enumerate(items):
             explanation = explanations[position] if explanations and request.include_explanation else []
-            results[index] = prediction(model, float(scores[position]), explanation, started)
-            counters.answered(run_s)
+            results[index] = answer = prediction(model, float(scores[position]), explanation, started)
+            counters.answered(run_s, answer["decision"])
 
     def fall_back_to_production(self, product: str, items: list, results: list, started: float,
                                 request_id: str) -> None:
@@ -350,13 +372,13 @@ class BatchInferResource:
             except (ModelFailed, ApiError) as exc:
                 for _ in requests:
                     counters.failed()
-                log_model_failure(model, str(exc), len(requests))
+                report_model_failure(model, str(exc), len(requests))
                 continue
             run_s = (perf_counter() - run_started) / len(requests)
             for position, request in enumerate(requests):
-                counters.answered(run_s)
-                self.prediction_log.append(prediction(model, float(scores[position]), [], started),
-                                           request.event_id, request.product, request_id)
+                answer = prediction(model, float(scores[position]), [], started)
+                counters.answered(run_s, answer["decision"])
+                self.prediction_log.append(answer, request.event_id, request.product, request_id)
 
 
 def event_error(exc: ApiError, index: int, path: str, request_id: str) -> dict:

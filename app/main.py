@@ -21,11 +21,12 @@ from app.metrics import install_metrics
 from app.openapi import install_api_docs
 from app.middleware import RequestIdMiddleware
 from app.model_swap import LiveModelTable
-from app.model_stats import open_model_stats
+from app.model_stats import metrics_collectors, open_model_stats
 from app.models import ModelTable
-from app.models_api import ModelPromoteResource, ModelsResource
+from app.models_api import ModelInfoResource, ModelPromoteResource, ModelsResource
 from app.predictions import PredictionResource
 from app.ratelimit import open_rate_limiter
+from app.tracing import open_tracing, traced_cache, with_tracing
 from app.predlog import PredictionLog, open_prediction_log
 from app.predlog_metrics import PredictionLogCollector
 
@@ -50,6 +51,10 @@ async def render_error(req, resp, exc, params):
         log.exception("unhandled error on %s %s (request %s)", req.method, req.path, request_id)
         status, code, message, details = 500, "INTERNAL_ERROR", "internal error", {}
     req.context.error_code = code  # the error_type of the request's metrics (app/metrics.py)
+    if req.content_length and not req.stream.eof:
+        # The body was not read (refused before it, or too large): gunicorn closes the connection
+        # after this answer, so say so, or a keep-alive client would send its next request into it.
+        resp.set_header("Connection", "close")
     resp.status = status
     resp.content_type = falcon.MEDIA_JSON
     resp.data = orjson.dumps(error_body(code, message, request_id, details))
@@ -67,10 +72,11 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
         models = ModelTable(config.expected_products)
         models.load(config.model_files)
 
+    tracing = open_tracing(config.tracing)  # None when off: then nothing of it is installed (app/tracing.py)
     app = falcon.asgi.App(
-        middleware=[RequestIdMiddleware(),
+        middleware=with_tracing(tracing, [RequestIdMiddleware(),
                     AuthMiddleware(config.authenticator, open_rate_limiter(config.rate_limit_segment,
-                                                                           config.rate_limits))],
+                                                                           config.rate_limits))]),
         cors_enable=False,
     )
     handler = json_handler()
@@ -81,24 +87,30 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
         app.add_error_handler(exc_type, render_error)
 
     app.add_route("/healthz", HealthResource())
-    app.add_route("/readyz", ReadyResource(models))
+    app.add_route("/readyz", ReadyResource(models, config.dependencies_file))
     cache = PredictionCache.attach(config.cache_segment) if config.cache_segment else None
     # this worker's ring of the prediction log; a middleware for its lifespan (seals spill files)
     prediction_log = open_prediction_log(config.prediction_log, worker_slot)
     app.add_middleware(prediction_log)
     model_stats = open_model_stats(config.model_stats_segment, worker_slot, models)  # read by the canary watch
-    app.add_route("/v1/infer", InferResource(models, config.max_body_bytes, cache, prediction_log, model_stats))
+    infer = InferResource(models, config.max_body_bytes, cache, prediction_log, model_stats)
+    if tracing is not None:
+        infer.tracer = tracing.tracer  # spans of the request's phases
+        infer.cache = traced_cache(cache, tracing.tracer)
+    app.add_route("/v1/infer", infer)
     app.add_route("/v1/infer/batch", BatchInferResource(models, config.max_body_bytes, config.batch_max, cache,
                                                         prediction_log, model_stats))
     database = Database(config.database_url)  # opened on first use, closed at lifespan shutdown
     app.add_middleware(database)
     app.add_route("/v1/models", ModelsResource(database, models))
+    app.add_route("/v1/models/{model_id}", ModelInfoResource(database, models, model_stats))
     app.add_route("/v1/models/{model_id}/promote", ModelPromoteResource(database, models))
     app.add_route("/v1/canary", CanaryResource(database))
     app.add_route("/v1/canary/{product}", CanaryProductResource(database))
     app.add_route("/v1/canary/{product}/stop", CanaryStopResource(database))
     app.add_route("/v1/infer/{prediction_id}", PredictionResource(prediction_log, database))
-    log_metrics = [PredictionLogCollector(prediction_log)] if isinstance(prediction_log, PredictionLog) else []
-    install_metrics(app, models, cache, config.metrics_port, log_metrics)  # /metrics and the request counters
+    shared_figures = [PredictionLogCollector(prediction_log)] if isinstance(prediction_log, PredictionLog) else []
+    shared_figures += metrics_collectors(model_stats)  # read from shared memory at scrape time
+    install_metrics(app, models, cache, config.metrics_port, shared_figures)  # /metrics and the request counters
     install_api_docs(app, config, models)  # /openapi.json and /docs: the app's routes, the served payloads
     return app

@@ -18,7 +18,8 @@ the mode too early. ``SiraMetrics`` refuses to start in the wrong mode.
 
 The request path counts through ``app/request_metrics.py``. Counting functions for the other
 processes (supervisor, writer, model swap): ``count_model_load_error``, ``count_canary_rollback``,
-``set_model_generation``, ``set_models_loaded``, ``set_canary_traffic_ratio``, ``count_rate_limited``;
+``set_model_generation``, ``set_models_loaded``, ``set_canary_traffic_ratio``, ``count_rate_limited``,
+``set_dependency_up``;
 each works in any process. The prediction log's figures are read at scrape time from its shared counter block
 (``app/predlog_metrics.py``), not copied into these files.
 """
@@ -146,9 +147,20 @@ class SiraMetrics:
                            "livemax", ("product",))
 
     @functools.cached_property
+    def dependency_up(self):
+        return self._gauge("sira_dependency_up", "1 while the supervisor reaches a dependency (postgres, model_store), "
+                           "0 while it does not (app/dependencies.py).", "livemin", ("name",))
+
+    @functools.cached_property
     def model_load_errors(self):
         return self._counter(Family("sira_model_load_errors_total", "Models that failed to load or to pass their checks.",
                                     ("reason",)))
+
+    @functools.cached_property
+    def fallbacks(self):
+        return self._counter(Family("sira_inference_fallbacks_total",
+                                    "Events whose canary model failed and that production answered (fallback: true).",
+                                    ("product", "model_id")))
 
     @functools.cached_property
     def canary_rollbacks(self):
@@ -191,6 +203,23 @@ def count_model_load_error(reason: str) -> None:
     process_metrics().model_load_errors.labels(reason).inc()
 
 
+def count_model_failure(product: str, model_id: str, fell_back: bool, events: int = 1) -> None:
+    """A canary or shadow model failed on ``events`` events (off the hot path: failures only).
+
+    Counted in sira_prediction_errors_total{error_type="MODEL_FAILED"}, and, when production answered
+    instead, in sira_inference_fallbacks_total.
+    """
+    metrics = process_metrics()
+    metrics.prediction_errors.labels(product, model_id, "MODEL_FAILED").inc(events)
+    if fell_back:
+        metrics.fallbacks.labels(product, model_id).inc(events)
+
+
+def start_fallback_series(product: str, model_id: str) -> None:
+    """In a worker that loads a canary: its fallback counter at 0, so increase() sees the first one."""
+    process_metrics().fallbacks.labels(product, model_id)
+
+
 def count_canary_rollback(product: str) -> None:
     process_metrics().canary_rollbacks.labels(product).inc()
 
@@ -206,6 +235,11 @@ def set_models_loaded(count: int) -> None:
 
 def set_canary_traffic_ratio(product: str, ratio: float) -> None:
     process_metrics().canary_traffic_ratio.labels(product).set(ratio)
+
+
+def set_dependency_up(name: str, up: bool) -> None:
+    """In the supervisor, when a dependency's state changes (app/dependencies.py)."""
+    process_metrics().dependency_up.labels(name).set(1 if up else 0)
 
 
 def count_rate_limited(role: str) -> None:

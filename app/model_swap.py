@@ -27,15 +27,33 @@ import datetime as _dt
 import json
 import logging
 import os
+from typing import NamedTuple
 
 from app.canary_routing import canary_bucket
 from app.config import ModelFile
-from app.metrics import set_canary_traffic_ratio, set_model_generation, set_models_loaded
+from app.metrics import (
+    set_canary_traffic_ratio,
+    start_fallback_series,
+    set_model_generation,
+    set_models_loaded,
+)
 from app.models import ModelTable, ServingModel
+from shm.breakers import OPEN, STATE, find_breaker
 from shm.control import ControlBlock, ModelSlot, ProductEntry
+from shm.counters import CounterBlock
 from shm.segment import SegmentError
 
 log = logging.getLogger("sira.models")
+
+
+class Canary(NamedTuple):
+    """A product's canary (or shadow) in this worker, as route() reads it."""
+
+    model: ServingModel
+    slot: ModelSlot
+    basis_points: int
+    shadow: bool
+    breaker: int  # the cell of its breaker state in the model stats segment; -1: none
 
 
 class LiveModelTable(ModelTable):
@@ -51,7 +69,10 @@ class LiveModelTable(ModelTable):
         self.applied_generation = -1  # the generation this worker serves; -1: none read yet
         self.slots: dict[str, ModelSlot] = {}  # product -> the slot of the model served
         # product -> (canary or shadow model, its slot, basis points, shadow?): routed per event
-        self.canaries: dict[str, tuple[ServingModel, ModelSlot, int, bool]] = {}
+        self.canaries: dict[str, Canary] = {}
+        # The canaries' circuit breakers (shm/breakers.py), read once per canary-routed event.
+        self.breaker_block: CounterBlock | None = None
+        self._breaker_cells: memoryview | None = None
         self.table: dict[str, ProductEntry] = {}  # the published table, as last applied
         self._published_generation = control.generation  # bound once: the per-request check
         self._recorded: frozenset[str] | None = None
@@ -80,7 +101,9 @@ class LiveModelTable(ModelTable):
         canary = self.canaries.get(product)
         if canary is None:
             return self.production.get(product), None
-        model, _slot, basis_points, shadow = canary
+        model, _slot, basis_points, shadow, breaker = canary
+        if breaker >= 0 and self._breaker_cells[breaker] == OPEN:  # skipped while its breaker is open
+            return self.production.get(product), None
         if shadow:
             return self.production.get(product), model
         if canary_bucket(product, event_id) < basis_points:
@@ -123,15 +146,17 @@ class LiveModelTable(ModelTable):
         self.canaries = canaries
         self.expected_products = sorted(table)  # each has a production model in the registry
         self.applied_generation = generation
-        self.record_files_in_use(files_of([*slots.values(), *(c[1] for c in canaries.values())]))
+        self.record_files_in_use(files_of([*slots.values(), *(c.slot for c in canaries.values())]))
         set_models_loaded(len(production))
         set_model_generation(generation)
         for product, entry in table.items():
             canary = canaries.get(product)
-            set_canary_traffic_ratio(product, canary[2] / 10_000 if canary and not canary[3] else 0.0)
+            set_canary_traffic_ratio(product, canary.basis_points / 10_000 if canary and not canary.shadow else 0.0)
+            if canary is not None and not canary.shadow:
+                start_fallback_series(product, canary.model.model_id)
         log.info("worker %d serves model generation %d: %s", os.getpid(), generation,
                  ", ".join(f"{p}={s.model_id}" for p, s in sorted(slots.items())) or "no model")
-        for product, (model, _slot, basis_points, shadow) in sorted(canaries.items()):
+        for product, (model, _slot, basis_points, shadow, _breaker) in sorted(canaries.items()):
             log.info("worker %d: %s %s of %s%s", os.getpid(), model.role, model.model_id, product,
                      "" if shadow else f" on {basis_points / 100:.2f}% of its events")
 
@@ -154,14 +179,28 @@ class LiveModelTable(ModelTable):
                 log.error("%s model %s for %s failed to load in worker %d: %s", role, slot.model_id,
                           product, os.getpid(), exc)
                 continue
-            canaries[product] = (model, slot, entry.canary_bp, shadow)
+            canaries[product] = Canary(model, slot, entry.canary_bp, shadow, self.breaker_state_cell(slot.model_id))
         return canaries
+
+    def follow_breakers(self, block: CounterBlock, cells: memoryview) -> None:
+        """Read the canaries' breakers from the model stats segment (``cells``: its u64 view)."""
+        self.breaker_block, self._breaker_cells = block, cells
+        if self.canaries:
+            self.canaries = {product: canary._replace(breaker=self.breaker_state_cell(canary.model.model_id))
+                             for product, canary in self.canaries.items()}
+
+    def breaker_state_cell(self, model_id: str) -> int:
+        """The cell of the canary's breaker state, or -1 (no breaker: always tried)."""
+        if self.breaker_block is None:
+            return -1
+        cell = find_breaker(self.breaker_block, model_id)
+        return -1 if cell is None else cell + STATE
 
     def canary_model_for(self, product: str, slot: ModelSlot, role: str) -> ServingModel:
         """The canary's ServingModel: the one held when it is the same model, in the given role."""
         held = self.canaries.get(product)
-        if held is not None and same_files(held[1], slot):
-            model = held[0]
+        if held is not None and same_files(held.slot, slot):
+            model = held.model
             if (model.threshold, model.version, model.role) != (slot.threshold, slot.version, role):
                 model = copy.copy(model)
                 model.threshold, model.version, model.role = float(slot.threshold), slot.version, role
@@ -210,7 +249,7 @@ class LiveModelTable(ModelTable):
 
     def loaded_at(self, model_id: str) -> str | None:
         """When the supervisor put this model live on this instance (ISO 8601 UTC), if it serves."""
-        for slot in [*self.slots.values(), *(canary[1] for canary in self.canaries.values())]:
+        for slot in [*self.slots.values(), *(canary.slot for canary in self.canaries.values())]:
             if slot.model_id == model_id:
                 return iso_utc(slot.loaded_at)
         return None

@@ -17,6 +17,7 @@ from app.db import Database
 from app.errors import Conflict, InvalidRequest, ModelNotFound
 from app.requests import PRODUCT_PATTERN, read_json_object
 from workers import registry
+from shm.model_stats import ModelFigures
 from workers.registry import RegistryModel
 
 log = logging.getLogger("sira.admin")
@@ -141,4 +142,60 @@ class ModelPromoteResource:
             **model_json(promotion.model, self.serving),
             "previous_status": promotion.previous_status,
             "archived_model_ids": promotion.archived_model_ids,
+        }
+
+
+def stats_json(figures: ModelFigures) -> dict:
+    """Counts of one model (one role, or all of them added up) as the API shows them."""
+    cache_hits = max(0, figures.requests - figures.errors - figures.scored)
+    answered = figures.requests - figures.errors
+    return {
+        "requests": figures.requests,
+        "errors": figures.errors,
+        "model_runs": figures.scored,
+        "cache_hits": cache_hits,
+        "cache_hit_rate": round(cache_hits / answered, 6) if answered else None,
+        "p50_ms": rounded(figures.latency_quantile_ms(0.50)),
+        "p95_ms": rounded(figures.latency_quantile_ms(0.95)),
+    }
+
+
+def rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
+
+
+def added_up(parts: list[ModelFigures]) -> ModelFigures:
+    total = ModelFigures()
+    for part in parts:
+        total = total.plus(part)
+    return total
+
+
+class ModelInfoResource:
+    """GET /v1/models/{model_id}: the registry's facts plus what this host served with the model.
+
+    The counts come from the model stats segment (every worker of this host, since the server
+    started; a restarted worker continues its slot's counts): requests, errors, model runs, cache
+    hits and the p50/p95 of the model's own run time per event, in total and by role.
+    """
+
+    auth_actions = {"GET": "models:read"}
+
+    def __init__(self, database: Database, serving: ServingState | None = None, model_stats=None):
+        self.database = database
+        self.serving = serving or ServingStateNotTracked()
+        self.model_stats = model_stats
+
+    async def on_get(self, req, resp, model_id: str):
+        model_id = checked_model_id(model_id)
+        async with self.database.connection() as conn:
+            model = await registry.get_model(conn, model_id)
+        if model is None:
+            raise ModelNotFound(f"no model {model_id} in the registry", {"model_id": model_id})
+        by_role = self.model_stats.figures_of(model_id) if self.model_stats is not None else {}
+        resp.media = {
+            **model_json(model, self.serving),
+            "generation": self.serving.generation(),
+            "stats": {**stats_json(added_up(list(by_role.values()))),
+                      "by_role": {role: stats_json(figures) for role, figures in sorted(by_role.items())}},
         }

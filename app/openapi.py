@@ -146,6 +146,23 @@ def op_list_models() -> dict:
     }
 
 
+def op_get_model() -> dict:
+    return {
+        "operationId": "getModel", "tags": ["models"], "summary": "One model, and what this host served with it",
+        "description": f"Roles: {ROLES_ML_OPS}. The registry's facts, when this instance loaded it, the generation, "
+                       "and since the server started: requests, errors, cache hits and the p50/p95 of the model's "
+                       "run time, in total and by role, from every worker of this host.",
+        "parameters": [path_parameter("model_id")],
+        "responses": {
+            "200": json_response("The model and its counts.", ref("ModelInfo")),
+            "400": error_response("INVALID_REQUEST: a malformed model id."),
+            **AUTH_ERRORS,
+            "404": error_response("MODEL_NOT_FOUND: no such model."),
+            "503": error_response("SERVICE_UNAVAILABLE: Postgres cannot be reached."),
+        },
+    }
+
+
 def op_promote_model() -> dict:
     return {
         "operationId": "promoteModel", "tags": ["models"], "summary": "Move a model to another status",
@@ -241,7 +258,8 @@ def op_readyz() -> dict:
         "operationId": "readyz", "tags": ["ops"], "summary": "Readiness", "security": PUBLIC,
         "responses": {
             "200": json_response("This worker serves a model for every product.", ref("Ready")),
-            "503": error_response("SERVICE_UNAVAILABLE: models not loaded yet (details say which)."),
+            "503": error_response("SERVICE_UNAVAILABLE: models not loaded yet (details say which, and "
+                                  "the state of Postgres and the model store)."),
         },
     }
 
@@ -277,6 +295,7 @@ OPERATIONS: dict[tuple[str, str], Callable[[], dict]] = {
     ("/v1/infer/batch", "POST"): op_infer_batch,
     ("/v1/infer/{prediction_id}", "GET"): op_get_prediction,
     ("/v1/models", "GET"): op_list_models,
+    ("/v1/models/{model_id}", "GET"): op_get_model,
     ("/v1/models/{model_id}/promote", "POST"): op_promote_model,
     ("/v1/canary", "POST"): op_set_canary,
     ("/v1/canary/{product}", "GET"): op_get_canary,

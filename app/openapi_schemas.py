@@ -115,6 +115,8 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
             "cached": {"type": "boolean"},
             "request_id": {"type": ["string", "null"]},
             "created_at": {"type": "string", "format": "date-time"},
+            "trace_id": {"type": ["string", "null"], "pattern": "^[0-9a-f]{32}$",
+                         "description": "W3C trace id of the request when it was traced (OpenTelemetry)."},
         },
     }
     model = {
@@ -145,6 +147,26 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
     }
     promoted_model = dict(model, required=model["required"] + list(promoted_properties),
                           properties=dict(model["properties"], **promoted_properties))
+    number_or_null = {"type": ["number", "null"], "minimum": 0}
+    stats = {
+        "type": "object",
+        "required": ["requests", "errors", "model_runs", "cache_hits", "cache_hit_rate", "p50_ms", "p95_ms"],
+        "properties": {
+            "requests": {"type": "integer", "minimum": 0, "description": "Events this host answered (or failed) with the model."},
+            "errors": {"type": "integer", "minimum": 0, "description": "Events the model failed (a canary's are answered by production)."},
+            "model_runs": {"type": "integer", "minimum": 0},
+            "cache_hits": {"type": "integer", "minimum": 0},
+            "cache_hit_rate": {**number_or_null, "maximum": 1},
+            "p50_ms": {**number_or_null, "description": "Median of the model's own run time per event."},
+            "p95_ms": number_or_null,
+        },
+    }
+    model_stats = dict(stats, properties=dict(stats["properties"], by_role={
+        "type": "object", "additionalProperties": stats,
+        "description": "The same counts by role: production, canary, shadow."}))
+    model_info = dict(model, required=model["required"] + ["generation", "stats"],
+                      properties=dict(model["properties"], generation={"type": ["integer", "null"]},
+                                      stats=model_stats))
     if specs:
         infer_request["oneOf"] = [product_variant(product) for product in sorted(specs)] + [
             {"properties": {"product": {"not": {"enum": sorted(specs)}}}}]
@@ -195,6 +217,7 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
         "LoggedPrediction": logged_prediction,
         "Model": model,
         "PromotedModel": promoted_model,
+        "ModelInfo": model_info,
         **canary_schemas(),
         "ModelList": {
             "type": "object",
@@ -216,7 +239,7 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
         },
         "Ready": {
             "type": "object",
-            "required": ["ready", "worker_pid", "generation", "models", "load_errors", "timestamp"],
+            "required": ["ready", "worker_pid", "generation", "models", "load_errors", "dependencies", "timestamp"],
             "additionalProperties": False,
             "properties": {
                 "ready": {"const": True},
@@ -229,8 +252,21 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
                                               "role": {"type": "string"},
                                               "loaded_at": {"type": ["string", "null"]}}}},
                 "load_errors": {"type": "object", "additionalProperties": {"type": "string"}},
+                "dependencies": {"$ref": "#/components/schemas/Dependencies"},
                 "timestamp": {"type": "string", "format": "date-time"},
             },
+        },
+        "Dependencies": {
+            "type": "object",
+            "description": "The supervisor's view of each dependency (postgres, model_store); empty before it "
+                           "looked. Also in the 503's details.",
+            "additionalProperties": {
+                "type": "object", "required": ["up", "since", "last_error"], "additionalProperties": False,
+                "properties": {"up": {"type": "boolean"},
+                               "since": {"type": "string", "format": "date-time",
+                                         "description": "When it last went up or down."},
+                               "last_error": {"type": ["string", "null"],
+                                              "description": "The latest error while it is down."}}},
         },
     }
 

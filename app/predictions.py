@@ -16,7 +16,7 @@ from app.predlog import created_at_text
 
 SELECT_PREDICTION = (
     "SELECT prediction_id::text, model_id::text, event_id, product, score, decision, explanation, "
-    "latency_ms, model_role, cached, request_id, created_at "
+    "latency_ms, model_role, cached, request_id, created_at, trace_id "
     "FROM siramodel_predictions WHERE prediction_id = %s")
 
 
@@ -32,7 +32,7 @@ def canonical_prediction_id(value: str) -> str:
 
 
 def prediction_json(row: dict) -> dict:
-    """The seed's shape of one logged prediction, plus its cached flag and request id."""
+    """The seed's shape of one logged prediction, plus its cached flag, request id and trace id."""
     return {
         "prediction_id": row["prediction_id"],
         "model_id": row["model_id"],
@@ -46,6 +46,7 @@ def prediction_json(row: dict) -> dict:
         "cached": row["cached"],
         "request_id": row["request_id"],
         "created_at": created_at_text(row["created_at"]),
+        "trace_id": row.get("trace_id"),  # OpenTelemetry (app/tracing.py); null when not traced
     }
 
 
@@ -74,5 +75,5 @@ class PredictionResource:
         if row is None:
             return None
         columns = ("prediction_id", "model_id", "event_id", "product", "score", "decision",
-                   "explanation", "latency_ms", "model_role", "cached", "request_id", "created_at")
+                   "explanation", "latency_ms", "model_role", "cached", "request_id", "created_at", "trace_id")
         return dict(zip(columns, row))

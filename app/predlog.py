@@ -111,9 +111,12 @@ class PredictionLogConfig:
 # -- records ------------------------------------------------------------------------------------
 
 def encode_record(body: dict, event_id: str, product: str, request_id: str | None,
-                  created_at: float) -> bytes:
-    """One prediction as the JSON of its ``siramodel_predictions`` row, prediction_id first."""
-    return _dumps({
+                  created_at: float, trace_id: str | None = None) -> bytes:
+    """One prediction as the JSON of its ``siramodel_predictions`` row, prediction_id first.
+
+    ``trace_id`` (32 hex, app/tracing.py) is written only when there is one: off, the record is as before.
+    """
+    record = {
         "prediction_id": body["prediction_id"],
         "event_id": event_id,
         "product": product,
@@ -126,7 +129,10 @@ def encode_record(body: dict, event_id: str, product: str, request_id: str | Non
         "cached": body["cached"],
         "request_id": request_id,
         "created_at": created_at,
-    })
+    }
+    if trace_id is not None:
+        record["trace_id"] = trace_id
+    return _dumps(record)
 
 
 def record_prefix(prediction_id: str) -> bytes:
@@ -173,9 +179,10 @@ class PredictionLog:
 
     # appending, on the request path
 
-    def append(self, body: dict, event_id: str, product: str, request_id: str | None) -> None:
+    def append(self, body: dict, event_id: str, product: str, request_id: str | None,
+               trace_id: str | None = None) -> None:
         """Log one prediction (its response ``body``) before the response leaves."""
-        record = encode_record(body, event_id, product, request_id, _time())
+        record = encode_record(body, event_id, product, request_id, _time(), trace_id)
         if self._append_to_ring(record):
             self.appended += 1
             if self._spilling:
@@ -277,7 +284,8 @@ class NullPredictionLog:
 
     appended = overflowed = 0
 
-    def append(self, body: dict, event_id: str, product: str, request_id: str | None) -> None:
+    def append(self, body: dict, event_id: str, product: str, request_id: str | None,
+               trace_id: str | None = None) -> None:
         """Nothing to log to."""
 
     async def find_unwritten(self, prediction_id: str) -> dict | None:

@@ -82,7 +82,12 @@ class Redactor:
     """Masks secret values, bearer tokens and JWT-shaped strings in a finished log line."""
 
     def __init__(self, secrets: Iterable[str] = ()):
-        forms = set()
+        self.secrets: tuple[str, ...] = ()
+        self.add(secrets)
+
+    def add(self, secrets: Iterable[str]) -> None:
+        """Mask these values too (a secret file re-read on SIGHUP); the ones masked so far stay masked."""
+        forms = set(self.secrets)
         for secret in secrets:
             if secret and len(secret) >= MIN_SECRET_CHARS:
                 forms.add(secret)
@@ -251,13 +256,20 @@ def configure_logging(level: str, secrets: Iterable[str] = (), stream=None) -> N
     _access_log = AccessLog(handler.formatter, writer_for(handler.stream)) if numeric_level <= logging.INFO else None
 
 
+def mask_secrets(values: Iterable[str]) -> None:
+    """Every line this process logs from now on masks these values too (secrets re-read from files)."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler.formatter, JsonFormatter):
+            handler.formatter.redactor.add(values)
+
+
 def access_log_enabled(access_log: bool, level: str) -> bool:
     """SIRA_ACCESS_LOG=on writes at info: with LOG_LEVEL warning or above gunicorn need not even collect it."""
     return access_log and getattr(logging, level.upper()) <= logging.INFO
 
 
 def secret_values(settings) -> list[str]:
-    """The values of the secret settings (and a database URL's password) to mask in every line."""
+    """The values of the secret settings, of the secret files and a database URL's password, to mask in every line."""
     from conf.settings import SETTINGS
 
     values = []
@@ -265,6 +277,9 @@ def secret_values(settings) -> list[str]:
         value = getattr(settings, setting.attr, None)
         if setting.secret and isinstance(value, str):
             values.append(value)
+    from conf.secret_files import file_secret_values
+
+    values.extend(file_secret_values(settings))  # JWT_SECRET_FILE, INTERNAL_SERVICE_TOKEN_FILE
     url = getattr(settings, "database_url", None)
     if url:
         password = database_password(url)

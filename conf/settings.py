@@ -20,6 +20,7 @@ from psycopg import conninfo
 from conf.tls import check_tls, parse_client_auth, parse_pem_file
 
 from conf.rate_limits import RateLimits, parse_rate_limits
+from conf.secret_files import FILE_VARIABLES, read_jwt_secrets, read_secret_file, read_service_tokens
 
 
 class ConfigError(ValueError):
@@ -222,13 +223,19 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("JWT_SECRET", None, parse_min_length(32),
             "HS256 secret for client tokens (at least 32 bytes). Unset: generated once and kept in $SIRA_DATA_DIR/jwt_secret (with a warning).",
             secret=True),
-    Setting("JWT_SECRET_KID", "default", parse_kid, "Key id of JWT_SECRET; tokens without a kid use it."),
+    Setting("JWT_SECRET_FILE", None, parse_nonempty,
+            "File holding the HS256 secret, or a JSON object of KID -> SECRET to rotate by kid (instead of JWT_SECRET; re-read on SIGHUP; mode 0400 or 0440). See Secrets from files."),
+    Setting("JWT_SECRET_KID", "default", parse_kid, "Key id of JWT_SECRET (or of a one-secret JWT_SECRET_FILE); tokens without a kid use it."),
     Setting("JWT_PUBLIC_KEYS", "", parse_public_keys,
             "Extra verification keys as KID=PEM_PATH[,KID=PEM_PATH...] (RS256 for RSA, ES256 for P-256); tokens pick one by kid."),
     Setting("JWT_ISSUER", None, parse_nonempty, "Required `iss` claim (unset: not checked)."),
     Setting("JWT_AUDIENCE", None, parse_nonempty, "Required `aud` claim (unset: not checked)."),
     Setting("INTERNAL_SERVICE_TOKEN", None, parse_min_length(16),
             "Opaque token for internal callers; it may call every endpoint. Unset: disabled.", secret=True),
+    Setting("INTERNAL_SERVICE_TOKEN_FILE", None, parse_nonempty,
+            "File of internal service tokens, one per line, all accepted (instead of INTERNAL_SERVICE_TOKEN; re-read on SIGHUP; mode 0400 or 0440)."),
+    Setting("DATABASE_URL_FILE", None, parse_nonempty,
+            "File holding DATABASE_URL (instead of it; read at start; mode 0400 or 0440)."),
     Setting("MODEL_BUCKET", None, parse_bucket, "S3 bucket of the model store. Unset: a local folder store in $SIRA_DATA_DIR/store."),
     Setting("S3_ENDPOINT_URL", None, parse_http_url, "S3 endpoint for MinIO and other S3-compatible stores (unset: AWS)."),
     Setting("CACHE_MAX_ITEMS", "5000", parse_bounded_int(0, 10_000_000), "Capacity of the shared prediction cache (0 disables it)."),
@@ -261,6 +268,13 @@ SETTINGS: tuple[Setting, ...] = (
             "Most bytes the prediction writer spools under $SIRA_DATA_DIR/spool while Postgres is away (logged as it fills); at the limit new predictions wait in the rings."),
     Setting("SIRA_WRITER_BATCH_ROWS", "5000", parse_bounded_int(1, 100_000),
             "Most prediction rows the writer sends to Postgres in one COPY and commit."),
+    Setting("SIRA_BREAKER_FAILURES", "5", parse_bounded_int(1, 1_000_000),
+            "Canary failures within SIRA_BREAKER_WINDOW_S that open its circuit breaker (its events go to production)."),
+    Setting("SIRA_BREAKER_WINDOW_S", "10", parse_positive_float, "Window, in seconds, in which the breaker counts canary failures."),
+    Setting("SIRA_BREAKER_COOLDOWN_S", "30", parse_positive_float,
+            "Seconds an open breaker stays open before it lets the canary try again (half-open); a failure then rolls the canary back."),
+    Setting("SIRA_METRICS_WINDOW_S", "60", parse_positive_float,
+            "Seconds of each sira_inference_metrics window the supervisor writes (aligned to the clock, so every instance cuts the same windows)."),
     Setting("SIRA_CANARY_WINDOW_S", "60", parse_positive_float,
             "Sliding window, in seconds, over which the supervisor compares a canary with production for the automatic rollback."),
     Setting("SIRA_CANARY_MIN_REQUESTS", "100", parse_bounded_int(1, 100_000_000),
@@ -285,11 +299,14 @@ class Settings:
     workers: int
     database_url: str | None
     jwt_secret: str | None
+    jwt_secret_file: str | None
     jwt_secret_kid: str
     jwt_public_keys: dict[str, str]
     jwt_issuer: str | None
     jwt_audience: str | None
     internal_service_token: str | None
+    internal_service_token_file: str | None
+    database_url_file: str | None
     model_bucket: str | None
     s3_endpoint_url: str | None
     cache_max_items: int
@@ -311,6 +328,10 @@ class Settings:
     queue_ring_bytes: int
     spool_max_bytes: int
     writer_batch_rows: int
+    breaker_failures: int
+    breaker_window_s: float
+    breaker_cooldown_s: float
+    metrics_window_s: float
     canary_window_s: float
     canary_min_requests: int
     canary_max_error_ratio: float
@@ -325,8 +346,12 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
-    """Read and check every setting; the first bad one raises ConfigError with a one-line message."""
+def load_settings(environ: Mapping[str, str] | None = None, read_secret_files: bool = True) -> Settings:
+    """Read and check every setting; the first bad one raises ConfigError with a one-line message.
+
+    `read_secret_files=False` (for `sira reload`, which needs none of them) leaves the *_FILE
+    contents unread: a bad file must not stop the signal that tells the server to re-read it.
+    """
     environ = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for setting in SETTINGS:
@@ -343,11 +368,52 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     if values["workers"] is None:
         values["workers"] = default_workers()
     check_metrics_bind(values["bind"], values["metrics_bind"])
+    if read_secret_files:
+        check_secret_files(values)
     try:
         check_tls(values["tls_cert"], values["tls_key"], values["tls_ca"], values["tls_client_auth"])
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     return Settings(**values)
+
+
+def check_secret_files(values: dict[str, Any]) -> None:
+    """Each *_FILE setting excludes its plain variable, and its file must be usable now (conf/secret_files.py).
+
+    DATABASE_URL_FILE's content becomes `database_url`; the JWT and internal token files are only
+    checked here: they are read again when the keys are built and on every SIGHUP.
+    """
+    for file_env, plain_env in FILE_VARIABLES.items():
+        path = values[SETTINGS_BY_ENV[file_env].attr]
+        if path is not None and values[SETTINGS_BY_ENV[plain_env].attr] is not None:
+            raise ConfigError(f"{file_env}: expected either {plain_env} or {file_env}, not both")
+    try:
+        if values["database_url_file"]:
+            values["database_url"] = read_database_url(values["database_url_file"])
+    except ValueError as exc:
+        raise ConfigError(f"DATABASE_URL_FILE: {exc}") from None
+    try:
+        if values["jwt_secret_file"]:
+            kids = read_jwt_secrets(values["jwt_secret_file"], values["jwt_secret_kid"])[0]
+            shared = sorted(set(kids) & set(values["jwt_public_keys"]))
+            if shared:
+                raise ValueError(f"{values['jwt_secret_file']}: kid {shared[0]!r} is also in JWT_PUBLIC_KEYS")
+    except ValueError as exc:
+        raise ConfigError(f"JWT_SECRET_FILE: {exc}") from None
+    try:
+        if values["internal_service_token_file"]:
+            read_service_tokens(values["internal_service_token_file"])  # at least one, or an error
+    except ValueError as exc:
+        raise ConfigError(f"INTERNAL_SERVICE_TOKEN_FILE: {exc}") from None
+
+
+def read_database_url(path: str) -> str:
+    """DATABASE_URL_FILE's URL, checked as DATABASE_URL is; errors name the file, never the password."""
+    url = read_secret_file(path)
+    try:
+        return parse_database_url(url)
+    except ValueError as exc:
+        raise ValueError(f"{path}: expected {exc}") from None
 
 
 def check_metrics_bind(bind: str, metrics_bind: str | None) -> None:
@@ -374,7 +440,11 @@ def effective_values(settings: Settings) -> list[tuple[str, str, str]]:
     rows = []
     for setting in SETTINGS:
         source = "env" if setting.env in os.environ else "default"
-        rows.append((setting.env, mask(setting, getattr(settings, setting.attr)), source))
+        shown = mask(setting, getattr(settings, setting.attr))
+        if setting.env in FILE_VARIABLES.values() and os.environ.get(f"{setting.env}_FILE"):
+            source = f"{setting.env}_FILE"  # DATABASE_URL read from its file, masked; the others are not kept
+            shown = "****" if shown == "(unset)" else shown
+        rows.append((setting.env, shown, source))
     return rows
 
 

@@ -10,7 +10,8 @@ cells, nothing more::
     entry e of a region = ENTRY_CELLS cells:
         0 model id, high u64 | 1 model id, low u64 | 2 role + 1 (0: a free entry)
         3 requests | 4 errors | 5 scored (model runs timed) | 6 latency sum, microseconds
-        7 .. 7 + BUCKETS    latency histogram: bucket i counts runs of at most BOUNDS_US[i]
+        7 allow | 8 review | 9 block        answers by decision
+        10 .. 10 + BUCKETS  latency histogram: bucket i counts runs of at most BOUNDS_US[i]
                             (the last bucket: everything slower)
 
 The latency buckets grow by 10% from 20 us to about 3.6 s, so a p95 read from them is within a
@@ -26,6 +27,7 @@ import dataclasses
 import uuid
 from typing import Final
 
+from shm.breakers import breaker_cells
 from shm.counters import CounterBlock
 
 ROLES: Final = ("production", "canary", "shadow")
@@ -35,14 +37,20 @@ FIRST_BOUND_US: Final = 20.0
 BOUND_RATIO: Final = 1.1
 BOUNDS_US: Final = tuple(FIRST_BOUND_US * BOUND_RATIO ** i for i in range(BUCKETS - 1))  # + overflow bucket
 
-_KEY_HIGH, _KEY_LOW, _ROLE, _REQUESTS, _ERRORS, _SCORED, _LATENCY_SUM, _HISTOGRAM = range(8)
+DECISIONS: Final = ("allow", "review", "block")
+_KEY_HIGH, _KEY_LOW, _ROLE, _REQUESTS, _ERRORS, _SCORED, _LATENCY_SUM, _ALLOW, _REVIEW, _BLOCK, _HISTOGRAM = range(11)
+_DECISION_CELL: Final = {"allow": _ALLOW, "review": _REVIEW, "block": _BLOCK}
 ENTRY_CELLS: Final = _HISTOGRAM + BUCKETS
 SLOT_CELLS: Final = ENTRIES_PER_SLOT * ENTRY_CELLS
 
 
 def stats_cells(slots: int) -> int:
-    """Size of the counter block for ``slots`` worker slots."""
-    return slots * SLOT_CELLS
+    """Size of the counter block for ``slots`` worker slots, the canary breakers (shm/breakers.py) at its end."""
+    return slots * SLOT_CELLS + breaker_cells()
+
+
+def stats_slots(block: CounterBlock) -> int:
+    return (block.cells - breaker_cells()) // SLOT_CELLS
 
 
 def _key_cells(model_id: str) -> tuple[int, int]:
@@ -64,10 +72,12 @@ class ModelCounters:
         self._base = first_cell
         self._histogram = first_cell + _HISTOGRAM
 
-    def answered(self, latency_s: float | None) -> None:
-        """One request answered by this model; ``latency_s`` when the model ran (None: a cache hit)."""
+    def answered(self, latency_s: float | None, decision: str) -> None:
+        """One event answered by this model with ``decision``; ``latency_s`` when the model ran
+        (None: a cache hit)."""
         cells, base = self._cells, self._base
         cells[base + _REQUESTS] += 1
+        cells[base + _DECISION_CELL[decision]] += 1
         if latency_s is not None:
             micros = latency_s * 1e6
             cells[base + _SCORED] += 1
@@ -85,12 +95,17 @@ class ModelStatsWriter:
     """A worker's view of its own region: entries found or claimed by (model id, role)."""
 
     def __init__(self, block: CounterBlock, slot: int):
-        if not 0 <= slot < block.cells // SLOT_CELLS:
-            raise ValueError(f"slot {slot} outside the stats block's {block.cells // SLOT_CELLS} slots")
+        if not 0 <= slot < stats_slots(block):
+            raise ValueError(f"slot {slot} outside the stats block's {stats_slots(block)} slots")
         self.block = block
         self.first_cell = slot * SLOT_CELLS
         self._entries: dict[tuple[str, str], ModelCounters] = {}
         self._cells = block.cells_view()
+
+    @property
+    def cells(self) -> memoryview:
+        """The block's u64 view (the canaries' breakers are read through it)."""
+        return self._cells
 
     def close(self) -> None:
         """Release the view of the block (the block cannot be unmapped while a view exists)."""
@@ -151,12 +166,15 @@ class ModelFigures:
     scored: int = 0
     latency_sum_us: int = 0
     histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * BUCKETS)
+    decisions: list[int] = dataclasses.field(default_factory=lambda: [0] * len(DECISIONS))  # allow, review, block
 
     def add(self, cells: list[int]) -> None:
         self.requests += cells[_REQUESTS]
         self.errors += cells[_ERRORS]
         self.scored += cells[_SCORED]
         self.latency_sum_us += cells[_LATENCY_SUM]
+        for i in range(len(DECISIONS)):
+            self.decisions[i] += cells[_ALLOW + i]
         for i, count in enumerate(cells[_HISTOGRAM:_HISTOGRAM + BUCKETS]):
             self.histogram[i] += count
 
@@ -182,17 +200,24 @@ class ModelFigures:
     def minus(self, earlier: ModelFigures) -> ModelFigures:
         """What happened since ``earlier``; a count that went down (an entry reused) counts from 0."""
         if self.requests < earlier.requests or self.scored < earlier.scored:
-            return dataclasses.replace(self, histogram=list(self.histogram))
+            return dataclasses.replace(self, histogram=list(self.histogram), decisions=list(self.decisions))
         return ModelFigures(self.requests - earlier.requests, self.errors - earlier.errors,
                             self.scored - earlier.scored, self.latency_sum_us - earlier.latency_sum_us,
-                            [max(0, a - b) for a, b in zip(self.histogram, earlier.histogram)])
+                            [max(0, a - b) for a, b in zip(self.histogram, earlier.histogram)],
+                            [max(0, a - b) for a, b in zip(self.decisions, earlier.decisions)])
+
+    def plus(self, other: ModelFigures) -> ModelFigures:
+        return ModelFigures(self.requests + other.requests, self.errors + other.errors, self.scored + other.scored,
+                            self.latency_sum_us + other.latency_sum_us,
+                            [a + b for a, b in zip(self.histogram, other.histogram)],
+                            [a + b for a, b in zip(self.decisions, other.decisions)])
 
 
 def read_model_figures(block: CounterBlock) -> dict[tuple[str, str], ModelFigures]:
     """(model id, role) -> counts summed over every worker's region (the supervisor's reader)."""
     cells = block.snapshot()
     figures: dict[tuple[str, str], ModelFigures] = {}
-    for first in range(0, len(cells) - ENTRY_CELLS + 1, ENTRY_CELLS):
+    for first in range(0, stats_slots(block) * SLOT_CELLS, ENTRY_CELLS):
         role = cells[first + _ROLE]
         if not 0 < role <= len(ROLES):
             continue

@@ -5,8 +5,9 @@ processes forked by the master, each with a pidfile in the data dir, restarted w
 backoff when they die (their death never stops the HTTP workers), and stopped after the workers on
 shutdown, so that the writer drains what the workers appended last.
 
-SIGHUP does not reload gunicorn or restart workers: it is forwarded to the sidecars that asked for
-it (the supervisor re-syncs models).
+SIGHUP does not reload gunicorn or restart workers: the master re-reads the secret files and, when
+they are all usable, forwards SIGHUP to the workers, which re-read them too (workers/credentials.py);
+it is forwarded to the sidecars that asked for it (the supervisor re-syncs models).
 """
 
 from __future__ import annotations
@@ -100,7 +101,13 @@ class SiraArbiter(Arbiter):
         self.stop_sidecars(signal.SIGTERM if graceful else signal.SIGQUIT)
 
     def handle_hup(self):
-        """Forward SIGHUP to the sidecars that want it; workers keep serving untouched."""
+        """Secret files re-read here, then in the workers (only if they were usable); SIGHUP to the sidecars that want it.
+
+        Workers keep serving: they swap their keys in their event loop, nothing restarts.
+        """
+        reload_secrets = getattr(self.app, "reload_secrets", None)
+        if reload_secrets is not None and reload_secrets():
+            self.kill_workers(signal.SIGHUP)
         targets = [s for s in self.sidecars if s.forward_hup and s.pid]
         self.log.info("SIGHUP: asking %s to re-sync", ", ".join(s.name for s in targets) or "nobody")
         for sidecar in targets:

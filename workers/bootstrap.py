@@ -1,4 +1,10 @@
-"""First start: an empty registry gets the demo model as the production model of fraud_score."""
+"""First start: migrations, and an empty registry gets the demo model as the production model of fraud_score.
+
+With DATABASE_URL (a Postgres sira does not start itself) that does not answer at start, or a
+model store that does not, the master does not wait: it tries for START_PATIENCE_S, then serves
+(from the registry snapshot, workers/registry_snapshot.py) and leaves both steps to the supervisor,
+which runs `prepare_database` before its next sync until it succeeds.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +15,42 @@ import logging
 import psycopg
 
 from workers import registry
-from workers.modelstore import ModelStore
+from workers.migrate import apply_migrations
+from workers.modelstore import ModelStore, ModelStoreUnavailable
+from workers.retry import Backoff, call_with_retries
 
 log = logging.getLogger("sira.bootstrap")
 
 DEMO_VERSION = "demo-1"
+START_PATIENCE_S = 5.0  # how long the master tries an external Postgres before it serves without it
+CONNECT_TIMEOUT_S = 5
+# What "not reachable now" looks like; anything else (a bad migration, a refused password...) stops the start.
+UNREACHABLE = (psycopg.OperationalError, ModelStoreUnavailable)
+
+
+def prepare_database(dsn: str, store: ModelStore) -> None:
+    """Apply the pending migrations, then register the demo model if the registry is empty."""
+    apply_migrations(dsn)
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+        ensure_demo_model(conn, store)
+
+
+def prepare_database_at_start(dsn: str, store: ModelStore, external: bool) -> bool:
+    """In the master: `prepare_database`, retried for START_PATIENCE_S; True when done.
+
+    False when an external Postgres (or the model store) still does not answer: serve anyway, the
+    supervisor finishes the job. The embedded Postgres was just started by us: its errors stop the start.
+    """
+    unreachable = UNREACHABLE if external else (ModelStoreUnavailable,)
+    try:
+        call_with_retries(lambda: prepare_database(dsn, store), Backoff(0.25, 2.0), unreachable,
+                          START_PATIENCE_S, "preparing the database")
+    except unreachable as exc:
+        log.error("cannot prepare the database at start (%s: %s); serving without it: the supervisor applies "
+                  "the migrations and registers the demo model once it answers",
+                  type(exc).__name__, str(exc).strip().splitlines()[0] if str(exc).strip() else "")
+        return False
+    return True
 
 
 def demo_files() -> tuple[str, dict]:

@@ -24,12 +24,16 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import time
 from typing import Callable
 
+from shm import breakers
 from shm.control import ProductEntry
 from shm.counters import CounterBlock
 from shm.model_stats import ModelFigures, read_model_figures
+
+log = logging.getLogger("sira.supervisor")
 
 CHECK_S = 1.0
 
@@ -40,6 +44,14 @@ class RollbackRules:
     min_requests: int = 100
     max_error_ratio: float = 1.5
     max_latency_ratio: float = 1.3
+
+
+@dataclasses.dataclass(frozen=True)
+class BreakerRules:
+    failures: int = 5        # canary failures within window_s that open the breaker
+    window_s: float = 10.0
+    cooldown_s: float = 30.0  # open this long, then half-open
+    probes: int = 20          # answers without a failure, half-open, that close it again
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,27 +86,37 @@ def judge(canary: ModelFigures, production: ModelFigures, rules: RollbackRules) 
 class CanaryWatch:
     """Readings of the stats block over the window, and the verdicts they give."""
 
-    def __init__(self, block: CounterBlock, rules: RollbackRules, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, block: CounterBlock, rules: RollbackRules, clock: Callable[[], float] = time.monotonic,
+                 breaker_rules: BreakerRules | None = None, wall_clock: Callable[[], float] = time.time):
         self.block = block
         self.rules = rules
+        self.breaker_rules = breaker_rules or BreakerRules()
         self.clock = clock
+        self.wall_clock = wall_clock
         self.readings: collections.deque[tuple[float, dict]] = collections.deque()
 
     def observe(self) -> None:
         """Take a reading; keep the newest one that is at least the window old, and all after it."""
         now = self.clock()
         self.readings.append((now, read_model_figures(self.block)))
-        while len(self.readings) > 1 and self.readings[1][0] <= now - self.rules.window_s:
+        keep_s = max(self.rules.window_s, self.breaker_rules.window_s)
+        while len(self.readings) > 1 and self.readings[1][0] <= now - keep_s:
             self.readings.popleft()
 
     def clear(self) -> None:
         self.readings.clear()
 
-    def window(self) -> dict[tuple[str, str], ModelFigures]:
-        """(model id, role) -> what happened between the oldest and the newest reading."""
+    def window(self, seconds: float | None = None) -> dict[tuple[str, str], ModelFigures]:
+        """(model id, role) -> what happened over the last ``seconds`` (default: the rollback window)."""
         if not self.readings:
             return {}
-        oldest, newest = self.readings[0][1], self.readings[-1][1]
+        newest_at, newest = self.readings[-1]
+        since = newest_at - (self.rules.window_s if seconds is None else seconds)
+        oldest = self.readings[0][1]
+        for taken_at, reading in self.readings:
+            if taken_at > since:
+                break
+            oldest = reading
         return {key: figures.minus(oldest.get(key, ModelFigures())) for key, figures in newest.items()}
 
     def verdicts(self, table: dict[str, ProductEntry]) -> list[RollbackVerdict]:
@@ -104,9 +126,9 @@ class CanaryWatch:
         for product, entry in sorted(table.items()):
             if entry.canary is None or entry.production is None:
                 continue
-            if entry.mode != "shadow" and entry.canary_bp == 0:
+            if not in_force(entry):
                 continue
-            role = "shadow" if entry.mode == "shadow" else "canary"
+            role = role_of(entry)
             canary = window.get((entry.canary.model_id, role), ModelFigures())
             production = window.get((entry.production.model_id, "production"), ModelFigures())
             reason = judge(canary, production, self.rules)
@@ -118,3 +140,82 @@ class CanaryWatch:
                     "production_model_id": entry.production.model_id,
                 }))
         return found
+
+    # -- circuit breakers ---------------------------------------------------------------------
+
+    def claim_breakers(self, table: dict[str, ProductEntry]) -> None:
+        """Every canary of a table about to be published gets its breaker (closed) first, so the
+        workers find it when they load the canary."""
+        keep = {entry.canary.model_id for entry in table.values() if entry.canary is not None}
+        for model_id in sorted(keep):
+            if breakers.claim_breaker(self.block, model_id, keep) is None:
+                log.warning("no free circuit breaker for canary %s: it runs without one", model_id)
+
+    def update_breakers(self, table: dict[str, ProductEntry]) -> list[RollbackVerdict]:
+        """Open, half-open or close each canary's breaker; one that fails again half-open is rolled back."""
+        rules, block = self.breaker_rules, self.block
+        recent = self.window(rules.window_s)
+        totals = self.readings[-1][1] if self.readings else {}
+        now_ms = int(self.wall_clock() * 1000)
+        self.close_breakers_out_of_force(table, now_ms)
+        verdicts = []
+        for product, entry in sorted(table.items()):
+            if entry.canary is None or entry.production is None or not in_force(entry):
+                continue
+            cell = breakers.find_breaker(block, entry.canary.model_id)
+            if cell is None:
+                continue
+            key = (entry.canary.model_id, role_of(entry))
+            total = totals.get(key, ModelFigures())
+            state = block.get(cell + breakers.STATE)
+            if state == breakers.CLOSED and recent.get(key, ModelFigures()).errors >= rules.failures:
+                self._set_breaker(cell, breakers.OPEN, now_ms, total, product, entry)
+            elif state == breakers.OPEN and now_ms - block.get(cell + breakers.CHANGED_MS) >= rules.cooldown_s * 1000:
+                self._set_breaker(cell, breakers.HALF_OPEN, now_ms, total, product, entry)
+            elif state == breakers.HALF_OPEN:
+                errors = total.errors - block.get(cell + breakers.ERRORS_MARK)
+                answered = total.requests - block.get(cell + breakers.REQUESTS_MARK) - errors
+                if errors > 0:
+                    self._set_breaker(cell, breakers.OPEN, now_ms, total, product, entry)
+                    verdicts.append(RollbackVerdict(product, entry.canary.model_id, "circuit_breaker", {
+                        "breaker": {"failures_after_cooldown": errors, "times_opened": block.get(cell + breakers.TRIPS)},
+                        "canary": figures_json(recent.get(key, ModelFigures())),
+                        "production": figures_json(recent.get((entry.production.model_id, "production"),
+                                                              ModelFigures())),
+                        "window_s": rules.window_s, "mode": entry.mode,
+                        "production_model_id": entry.production.model_id,
+                        "thresholds": dataclasses.asdict(rules)}))
+                elif answered >= rules.probes:
+                    self._set_breaker(cell, breakers.CLOSED, now_ms, total, product, entry)
+        return verdicts
+
+    def close_breakers_out_of_force(self, table: dict[str, ProductEntry], now_ms: int) -> None:
+        """A canary stopped or rolled back leaves its breaker closed (its opening count stays)."""
+        in_force_ids = {entry.canary.model_id for entry in table.values() if in_force(entry)}
+        for model_id, (state, _trips) in breakers.breaker_states(self.block).items():
+            if state != breakers.CLOSED and model_id not in in_force_ids:
+                cell = breakers.find_breaker(self.block, model_id)
+                self.block.set(cell + breakers.CHANGED_MS, now_ms)
+                self.block.set(cell + breakers.STATE, breakers.CLOSED)
+                log.info("circuit breaker of %s is closed: the canary is no longer in force", model_id)
+
+    def _set_breaker(self, cell: int, state: int, now_ms: int, total: ModelFigures, product: str,
+                     entry: ProductEntry) -> None:
+        block = self.block
+        block.set(cell + breakers.CHANGED_MS, now_ms)
+        block.set(cell + breakers.ERRORS_MARK, total.errors)
+        block.set(cell + breakers.REQUESTS_MARK, total.requests)
+        if state == breakers.OPEN:
+            block.add(cell + breakers.TRIPS)
+        block.set(cell + breakers.STATE, state)  # last: the workers act on it
+        log.warning("circuit breaker of %s %s of %s is %s", role_of(entry), entry.canary.model_id, product,
+                    breakers.STATE_NAMES[state])
+
+
+def in_force(entry: ProductEntry) -> bool:
+    """A canary that gets traffic, or a shadow."""
+    return entry.canary is not None and (entry.mode == "shadow" or entry.canary_bp > 0)
+
+
+def role_of(entry: ProductEntry) -> str:
+    return "shadow" if entry.mode == "shadow" else "canary"

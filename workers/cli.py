@@ -64,11 +64,13 @@ def build_parser() -> argparse.ArgumentParser:
     token.add_argument("--role", required=True, help="sira_service, fraud_analyst, ml_ops or pay_admin")
     token.add_argument("--sub", required=True, help="the token's subject (who calls)")
     token.add_argument("--ttl", type=parse_duration, default=3600, help="lifetime such as 900, 15m, 1h, 7d (default 1h)")
-    token.add_argument("--kid", help="key id to put in the header (default JWT_SECRET_KID, or none with --private-key)")
+    token.add_argument("--kid", help="key id to put in the header (default JWT_SECRET_KID or JWT_SECRET_FILE's first "
+                                     "kid, or none with --private-key); with JWT_SECRET_FILE it picks the secret")
     token.add_argument("--private-key", metavar="PEM", help="sign with this RSA or EC private key instead of JWT_SECRET")
     token.add_argument("--alg", choices=("HS256", "RS256", "ES256"), help="algorithm (default HS256, or by key type)")
 
-    commands.add_parser("reload", help="ask a running server to re-sync its models (SIGHUP to the master)",
+    commands.add_parser("reload", help="ask a running server to re-read its secret files and re-sync its models "
+                                       "(SIGHUP to the master)",
                         description="Send SIGHUP to the master whose pid is in $SIRA_DATA_DIR/sira.pid.")
 
     config = commands.add_parser("config", help="print the effective settings, secrets masked",
@@ -103,7 +105,6 @@ def check_key_files(settings: Settings) -> None:
 def command_serve(settings: Settings, args: argparse.Namespace) -> int:
     from workers.database import open_database
     from workers.master import read_ops_config, serve
-    from workers.migrate import apply_migrations
 
     check_key_files(settings)
     if settings.gunicorn_config:
@@ -113,8 +114,7 @@ def command_serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.workers:
         settings = settings.replace(workers=args.workers)
     with open_database(settings.database_url, settings.data_dir) as dsn:
-        apply_migrations(dsn)
-        serve(settings, dsn)
+        serve(settings, dsn)  # migrations first (workers/bootstrap.py)
     return EXIT_OK
 
 
@@ -146,7 +146,7 @@ def algorithm_of_private_key(pem: bytes, path: str) -> str:
 
 def command_token(settings: Settings, args: argparse.Namespace) -> int:
     from app.auth import KNOWN_ROLES, mint_token
-    from conf.secrets import jwt_secret_or_generate
+    from conf.secret_files import load_jwt_secrets
 
     if args.role not in KNOWN_ROLES:
         raise UsageError(f"--role: expected one of {', '.join(sorted(KNOWN_ROLES))}, got {args.role!r}")
@@ -168,10 +168,13 @@ def command_token(settings: Settings, args: argparse.Namespace) -> int:
     else:
         if args.alg not in (None, "HS256"):
             raise UsageError(f"--alg {args.alg} needs --private-key")
-        secret = jwt_secret_or_generate(settings.jwt_secret, settings.data_dir)
+        secrets, signing_kid = load_jwt_secrets(settings)
+        kid = args.kid or signing_kid
+        secret = secrets.get(kid) if settings.jwt_secret_file else secrets[signing_kid]
+        if secret is None:  # JWT_SECRET_FILE: --kid picks one of its secrets
+            raise UsageError(f"--kid: {kid!r} is not a kid of JWT_SECRET_FILE ({', '.join(secrets)})")
         token = mint_token(role=args.role, subject=args.sub, ttl_s=args.ttl, secret=secret,
-                           kid=args.kid or settings.jwt_secret_kid, issuer=settings.jwt_issuer,
-                           audience=settings.jwt_audience)
+                           kid=kid, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
     print(token)
     return EXIT_OK
 
@@ -179,6 +182,10 @@ def command_token(settings: Settings, args: argparse.Namespace) -> int:
 def command_reload(settings: Settings, args: argparse.Namespace) -> int:
     from workers.paths import MASTER_PIDFILE, data_path
 
+    try:
+        load_settings()  # the secret files, read here for a warning only: the server checks them again
+    except ConfigError as exc:
+        print(f"sira reload: warning: {exc}; the server will keep its current keys", file=sys.stderr)
     pidfile = data_path(settings.data_dir, MASTER_PIDFILE)
     try:
         with open(pidfile, encoding="ascii") as handle:
@@ -239,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     args = build_parser().parse_args(argv)
     try:
-        settings = load_settings()
+        settings = load_settings(read_secret_files=args.command != "reload")
     except ConfigError as exc:
         print(f"sira: configuration error: {exc}", file=sys.stderr)
         return EXIT_USAGE

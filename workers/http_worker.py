@@ -19,9 +19,14 @@ gunicorn/asgi/protocol.py and seen on a live server:
 - The TLS handshake itself is bounded by asyncio's default ssl_handshake_timeout (60 s).
 - `worker_connections` is not enforced by this worker: idle connections cost memory and a file
   descriptor each until the header timeout closes them.
+- SIGHUP: gunicorn's asgi worker leaves it at its default action (the worker dies). The master
+  sends it to ask for the secret files to be re-read (workers/credentials.py); `SiraAsgiWorker`
+  handles it in its event loop, between requests, by calling the app's `reload_secrets`.
 """
 
 from __future__ import annotations
+
+import signal
 
 from gunicorn import sock
 from gunicorn.arbiter import Arbiter
@@ -109,6 +114,16 @@ class SiraAsgiWorker(ASGIWorker):
         # it here, after the fork, changes this worker process only.
         gasgi.ASGIProtocol = SiraProtocol
         super().init_process()
+
+    def init_signals(self):
+        super().init_signals()
+        self.loop.add_signal_handler(signal.SIGHUP, self.handle_hup_signal)
+
+    def handle_hup_signal(self):
+        """Runs as a loop callback, not in the signal handler: a few small files are read."""
+        reload_secrets = getattr(self.app, "reload_secrets", None)
+        if reload_secrets is not None:
+            reload_secrets()
 
     def _get_ssl_context(self):
         if not self.cfg.is_ssl:

@@ -17,16 +17,15 @@ import signal
 import sys
 from typing import Any
 
-import psycopg
 from gunicorn.app.base import BaseApplication
 from gunicorn.config import Config as GunicornConfig
 
-from app.auth import Authenticator, KeyRing
 from app.cache import cache_segment_name, shared_cache
 from app.config import AppConfig
+from app.dependencies import DEPENDENCIES_FILE
 from app.ratelimit import rate_limit_segment_name, shared_rate_limits
+from app.tracing import tracing_from_environment
 from conf.logs import GunicornJsonLogger, access_log_enabled, set_process_role
-from conf.secrets import jwt_secret_or_generate
 from conf.settings import ConfigError, Settings, check_metrics_bind
 from conf.tls import gunicorn_tls_options
 from shm.control import ControlBlock
@@ -34,7 +33,8 @@ from shm.counters import CounterBlock
 from shm.model_stats import stats_cells
 from shm.segment import segment_name
 from workers.arbiter import Sidecar, SiraArbiter
-from workers.bootstrap import ensure_demo_model
+from workers.bootstrap import prepare_database_at_start
+from workers.credentials import build_authenticator, reload_credentials
 from workers.metrics import mark_worker_dead, prepare_multiprocess_dir
 from workers.modelstore import open_model_store
 from workers.paths import MASTER_PIDFILE, MODELS_DIR, WRITER_PIDFILE, data_path
@@ -48,11 +48,14 @@ log = logging.getLogger("sira.master")
 # is lost by the asgi worker, and the master then waits out the whole graceful timeout; so a worker
 # blocks them from fork until its loop runs, and they are delivered then.
 STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT}
+# SIGHUP (re-read the secret files) is held the same way: until the worker's loop handles it, its
+# default action would kill the worker.
+HELD_SIGNALS = STOP_SIGNALS | {signal.SIGHUP}
 
 
 def block_stop_signals(server, worker) -> None:
     """gunicorn post_fork hook, in the new worker."""
-    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
 
 
 def set_up_new_worker(server, worker) -> None:
@@ -63,26 +66,20 @@ def set_up_new_worker(server, worker) -> None:
 
 def unblock_stop_signals_once_running(worker) -> None:
     """gunicorn post_worker_init hook: unblock as the worker's event loop's first act."""
-    worker.loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, STOP_SIGNALS)
+    worker.loop.call_soon(signal.pthread_sigmask, signal.SIG_UNBLOCK, HELD_SIGNALS)
 
 
-def build_authenticator(settings: Settings) -> Authenticator:
-    secret = jwt_secret_or_generate(settings.jwt_secret, settings.data_dir)
-    keyring = KeyRing.from_config(secret, settings.jwt_secret_kid, settings.jwt_public_keys)
-    return Authenticator(keyring, settings.internal_service_token,
-                         issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+def prepare_models(settings: Settings, dsn: str) -> bool:
+    """Migrations and the demo model on a first start, and the folder of local model files.
 
-
-def prepare_models(settings: Settings, dsn: str) -> None:
-    """The demo model on a first start, and the folder of local model files.
-
+    False when DATABASE_URL (or the model store) did not answer: the supervisor finishes the job
+    once it does (workers/bootstrap.py), and the first sync serves the registry snapshot.
     The models themselves are fetched and checked by the supervisor's code: once in the master
     before the fork (`first_model_sync`, so workers boot with them), then by the supervisor sidecar.
     The master never loads a model (app/config.py).
     """
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        ensure_demo_model(conn, open_model_store(settings))
     os.makedirs(data_path(settings.data_dir, MODELS_DIR, IN_USE_DIR), exist_ok=True)
+    return prepare_database_at_start(dsn, open_model_store(settings), external=bool(settings.database_url))
 
 
 def read_ops_config(path: str) -> dict[str, Any]:
@@ -164,6 +161,10 @@ class SiraApplication(BaseApplication):
             print(f"\nError: {exc}\n", file=sys.stderr)
             sys.exit(1)
 
+    def reload_secrets(self) -> bool:
+        """SIGHUP, in the master and then in each worker: re-read the secret files (workers/credentials.py)."""
+        return reload_credentials(self.settings, self.app_config.authenticator)
+
     def load(self):
         """Runs in each worker after the fork: only here may onnxruntime be imported (app/config.py)."""
         from app.body_deadline import BodyDeadline
@@ -179,7 +180,7 @@ def serve(settings: Settings, dsn: str) -> None:
     check_metrics_bind(settings.bind, settings.metrics_bind)  # --bind may have moved SIRA_BIND
     os.makedirs(data_path(settings.data_dir), exist_ok=True)
     prepare_multiprocess_dir(settings.data_dir)  # before anything forks: every child inherits it
-    prepare_models(settings, dsn)
+    database_ready = prepare_models(settings, dsn)
     instance_id = f"{os.getpid()}_{secrets.token_hex(4)}"  # names this serve's shm segments
     control_segment = segment_name(instance_id, CONTROL_KIND)
     model_stats_segment = segment_name(instance_id, MODEL_STATS_KIND)
@@ -198,9 +199,12 @@ def serve(settings: Settings, dsn: str) -> None:
         metrics_port=int(settings.metrics_bind.rpartition(":")[2]) if settings.metrics_bind else None,
         rate_limit_segment=rate_limit_segment_name(instance_id),
         rate_limits=settings.rate_limits,
+        dependencies_file=data_path(settings.data_dir, DEPENDENCIES_FILE),  # /readyz shows it
+        tracing=tracing_from_environment(),  # only checked here: each worker sets the SDK up after the fork
     )
     writer = writer_sidecar(app_config.prediction_log, data_path(settings.data_dir, WRITER_PIDFILE))
-    supervisor = supervisor_sidecar(settings, dsn, control_segment, model_stats_segment)
+    supervisor = supervisor_sidecar(settings, dsn, control_segment, model_stats_segment,
+                                    bootstrap_pending=not database_ready)
     with ControlBlock.create(control_segment) as control, \
             CounterBlock.create(model_stats_segment, stats_cells(settings.workers)), \
             shared_cache(app_config.cache_segment, settings.cache_max_items, settings.cache_ttl_ms), \

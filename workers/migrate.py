@@ -53,7 +53,7 @@ class Migration:
 def apply_migrations(dsn: str, directory: str | None = None) -> list[str]:
     """Apply the pending migrations of directory (default: the migrations package); return their file names."""
     migrations = load_migrations(directory)
-    with psycopg.connect(dsn, autocommit=True, application_name="sira-migrate") as conn:
+    with psycopg.connect(dsn, autocommit=True, application_name="sira-migrate", connect_timeout=10) as conn:
         # Session lock on this very connection: it is released when the connection closes, even
         # if this process dies, and the migrations run on the session that holds it.
         hold_migration_lock(conn)

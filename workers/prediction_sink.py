@@ -25,7 +25,7 @@ from app.predlog_files import fsync_directory
 
 log = logging.getLogger("sira.writer")
 
-RETRY_S = 1.0                # between two attempts to reach Postgres while it is away
+RETRY_S = 1.0                # the pool's wait for a connection; the writer's probes back off (workers/retry.py)
 WRITE_TIMEOUT_S = 15.0       # a batch that takes longer counts as Postgres away
 WRITE_CONNECTIONS = 2        # measured: ~24,000 rows/s against ~16,600 with one (bench_writer)
 PARALLEL_MIN_ROWS = 1000     # smaller batches go in one piece
@@ -34,14 +34,15 @@ TEMP_TABLE_SQL = "CREATE TEMP TABLE IF NOT EXISTS sira_predlog_incoming (r jsonb
 COPY_SQL = "COPY sira_predlog_incoming (r) FROM STDIN"
 INSERT_SQL = """
 INSERT INTO siramodel_predictions (prediction_id, event_id, product, model_id, model_role, score,
-    decision, explanation, latency_ms, cached, request_id, created_at)
+    decision, explanation, latency_ms, cached, request_id, created_at, trace_id)
 SELECT p.prediction_id, p.event_id, p.product, p.model_id, p.model_role, p.score, p.decision,
     p.explanation, p.latency_ms, coalesce(p.cached, false), p.request_id,
-    coalesce(to_timestamp(p.created_at), now())
+    coalesce(to_timestamp(p.created_at), now()), p.trace_id
 FROM sira_predlog_incoming AS i
 CROSS JOIN LATERAL jsonb_to_record(i.r) AS p(prediction_id uuid, event_id text, product text,
     model_id uuid, model_role text, score double precision, decision text, explanation jsonb,
-    latency_ms double precision, cached boolean, request_id text, created_at double precision)
+    latency_ms double precision, cached boolean, request_id text, created_at double precision,
+    trace_id text)
 ON CONFLICT (prediction_id) DO NOTHING
 """
 # Postgres refuses these rows as data: retried row by row, then set aside.

@@ -6,7 +6,12 @@ sent SIGHUP when the master gets one. It runs asyncio on uvloop and syncs:
 - at start, on SIGHUP (``sira reload``), every ``MODEL_POLL_INTERVAL_S``, and on every NOTIFY of
   channel ``sira_config_changed`` (the registry's trigger), so a promotion goes live in about the
   time a load check takes;
-- sooner after a failed sync: 1 s, 2 s, 4 s ... up to the poll interval.
+- sooner after a failed sync: 1 s, 2 s, 4 s ... up to SYNC_RETRY_MAX_S or the poll interval,
+  jittered (workers/retry.py).
+
+Postgres away: a sync with no model table yet (the master's first) serves the registry snapshot of
+the last good sync; one that already serves keeps its table. The state of Postgres and the model
+store goes to /readyz, sira_dependency_up and one log line per change (workers/registry_source.py).
 
 One sync reads the production models from the registry; for each one that is not live yet it
 downloads the file into ``$SIRA_DATA_DIR/models`` (temporary file, sha256 verified, fsync,
@@ -53,10 +58,13 @@ from shm.control import PATH_BYTES, PRODUCT_BYTES, VERSION_BYTES, ControlBlock, 
 from workers import canary_config, registry
 from shm.counters import CounterBlock
 from workers.arbiter import Sidecar
-from workers.canary_watch import CHECK_S, CanaryWatch, RollbackRules, RollbackVerdict
+from workers.canary_watch import CHECK_S, BreakerRules, CanaryWatch, RollbackRules, RollbackVerdict
+from workers.metrics_windows import METRICS_CUT_FILE, MetricsWindows, next_boundary
 from workers.model_files import ensure_local_copy
 from workers.modelstore import ModelStore, ModelStoreError, open_model_store
 from workers.paths import MODELS_DIR, SUPERVISOR_PIDFILE, data_path
+from workers.registry_source import RegistrySource
+from workers.retry import Backoff
 
 log = logging.getLogger("sira.supervisor")
 
@@ -67,7 +75,8 @@ STATS_FILE = "model-sync.json"
 IN_USE_DIR = "in-use"
 SMOKE_TIMEOUT_S = 300.0
 RETRY_FIRST_S = 1.0
-LISTEN_RETRY_MAX_S = 30.0
+SYNC_RETRY_MAX_S = 10.0  # a failed sync is retried after 1, 2, 4, 8, 10 ... s (jittered; at most the poll interval)
+LISTEN_RETRY_MAX_S = 10.0
 LISTEN_CHECK_S = 30.0  # an idle LISTEN connection is probed this often
 CONNECT_TIMEOUT_S = 5
 PARENT_CHECK_S = 1.0
@@ -104,9 +113,11 @@ class ModelSupervisor:
     """Keeps the control block's model table in line with the registry's production models."""
 
     def __init__(self, control: ControlBlock, store: ModelStore, dsn: str, models_dir: str,
-                 stats_path: str, poll_interval_s: float, canary_watch: CanaryWatch | None = None):
+                 stats_path: str, poll_interval_s: float, canary_watch: CanaryWatch | None = None,
+                 metrics_windows: MetricsWindows | None = None, bootstrap_pending: bool = False):
         self.control = control
         self.canary_watch = canary_watch  # None: no automatic rollback (the master's first sync)
+        self.metrics_windows = metrics_windows  # None: no sira_inference_metrics rows
         self.store = store
         self.dsn = dsn
         self.models_dir = models_dir
@@ -114,7 +125,11 @@ class ModelSupervisor:
         self.stats_path = stats_path
         self.poll_interval_s = poll_interval_s
         self.stats = load_stats(stats_path, control.segment.name)
-        self.failures_in_a_row = 0
+        retry_cap_s = min(SYNC_RETRY_MAX_S, poll_interval_s)
+        self.sync_backoff = Backoff(min(RETRY_FIRST_S, retry_cap_s), retry_cap_s)  # workers/retry.py
+        # Postgres (else the registry snapshot), the dependency states, the snapshot after good syncs
+        self.registry = RegistrySource(dsn, store, os.path.dirname(stats_path), read_serving_state,
+                                       CanaryToServe, bootstrap_pending)
         # One load-check process waits with onnxruntime imported, so a new model does not wait for
         # the imports (in the sidecar only: the master's first sync leaves no process behind).
         self.keep_a_check_waiting = False
@@ -133,12 +148,16 @@ class ModelSupervisor:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT):
             loop.add_signal_handler(sig, self._stopping.set)
         os.makedirs(self.in_use_dir, exist_ok=True)
+        self.registry.take_over()  # the master's view of the dependencies; gauges from now on
         self.keep_a_check_waiting = True
         self.waiting_check = await start_load_check()
         await self.warm_up_store()
         jobs = [self.sync_forever, self.listen_forever, self.watch_parent]
         if self.canary_watch is not None:
             jobs.append(self.watch_canaries)
+        if self.metrics_windows is not None:
+            self.metrics_windows.remember_products(self.control.read_table()[1])
+            jobs.append(self.write_metrics_windows)
         tasks = [asyncio.create_task(job()) for job in jobs]
         stopping = asyncio.create_task(self._stopping.wait())
         try:
@@ -186,38 +205,56 @@ class ModelSupervisor:
                 log.exception("model sync failed unexpectedly")
                 self.count_error("internal_error", one_line(exc))
                 ok = False
-            self.failures_in_a_row = 0 if ok else self.failures_in_a_row + 1
-            delay = self.poll_interval_s if ok else min(
-                RETRY_FIRST_S * 2 ** (self.failures_in_a_row - 1), self.poll_interval_s)
+            if ok:
+                self.sync_backoff.reset()
+            delay = self.poll_interval_s if ok else self.sync_backoff.next_delay()
             try:
                 await asyncio.wait_for(self._wakeup.wait(), delay)
             except TimeoutError:
                 pass
 
     async def listen_forever(self) -> None:
-        """LISTEN for registry changes; reconnect with backoff (polling covers the gaps)."""
-        backoff = RETRY_FIRST_S
+        """LISTEN for registry changes; reconnect with backoff (polling covers the gaps).
+
+        The first failure after a connection is logged; the retries that follow only at debug level.
+        """
+        backoff = Backoff(RETRY_FIRST_S, LISTEN_RETRY_MAX_S)  # workers/retry.py
         while True:
             try:
                 async with await psycopg.AsyncConnection.connect(
                         self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
-                    backoff = RETRY_FIRST_S
+                    backoff.reset()
                     self.request_sync("listening for registry changes")  # changes missed meanwhile
                     await self.relay_notifications(conn)
             except (psycopg.Error, OSError) as exc:
-                log.warning("LISTEN %s: %s; retrying in %.0fs", NOTIFY_CHANNEL,
-                            one_line(exc), backoff)
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, LISTEN_RETRY_MAX_S)
+                delay = backoff.next_delay()
+                log.log(logging.WARNING if backoff.failures == 1 else logging.DEBUG,
+                        "LISTEN %s: %s; retrying in %.1fs", NOTIFY_CHANNEL, one_line(exc), delay)
+                await asyncio.sleep(delay)
 
     async def watch_canaries(self) -> None:
         """Compare each canary with production every CHECK_S; roll back the ones that misbehave."""
         while True:
             await asyncio.sleep(CHECK_S)
             self.canary_watch.observe()
-            for verdict in self.canary_watch.verdicts(self.control.read_table()[1]):
-                await self.roll_back(verdict)
+            table = self.control.read_table()[1]
+            verdicts = self.canary_watch.update_breakers(table) + self.canary_watch.verdicts(table)
+            for product in sorted({verdict.product for verdict in verdicts}):  # one rollback per product
+                await self.roll_back(next(v for v in verdicts if v.product == product))
+
+    async def write_metrics_windows(self) -> None:
+        """At every window boundary, one sira_inference_metrics row per product, model and role."""
+        windows = self.metrics_windows
+        while True:
+            boundary = next_boundary(time.time(), windows.window_s)
+            await asyncio.sleep(max(0.0, boundary - time.time()))
+            windows.remember_products(self.control.read_table()[1])
+            windows.cut(boundary)
+            try:
+                await asyncio.to_thread(windows.write, self.dsn, CONNECT_TIMEOUT_S)
+            except psycopg.Error as exc:  # kept for the next window
+                log.warning("cannot write %d inference metrics rows now: %s", len(windows.pending), one_line(exc))
 
     async def roll_back(self, verdict: RollbackVerdict) -> None:
         """Stop the canary in Postgres (every instance follows its NOTIFY), log and count it."""
@@ -231,8 +268,8 @@ class ModelSupervisor:
             count_canary_rollback(verdict.product)
             figures = verdict.figures
             log.error("canary %s of %s rolled back (%s): canary %s, production %s over %.0fs",
-                      verdict.canary_model_id, verdict.product, verdict.reason, figures["canary"],
-                      figures["production"], figures["window_s"])
+                      verdict.canary_model_id, verdict.product, verdict.reason, figures.get("canary"),
+                      figures.get("production"), figures.get("window_s", 0))
         self.request_sync(f"canary of {verdict.product} rolled back")
 
     async def relay_notifications(self, conn: psycopg.AsyncConnection) -> None:
@@ -248,11 +285,15 @@ class ModelSupervisor:
         """Bring the control block in line with the registry; True when nothing failed."""
         started = time.time()
         try:
-            models, canaries = await asyncio.to_thread(read_serving_state, self.dsn)
-        except psycopg.Error as exc:
-            self.count_error("registry_unreachable", f"cannot read the model registry: {one_line(exc)}")
-            self.finish_sync(started, ok=False)
-            return False
+            models, canaries = await self.registry.read()
+        except psycopg.Error as exc:  # logged once per outage (app/dependencies.py), counted every time
+            self.count_error("registry_unreachable", f"cannot read the model registry: {one_line(exc)}",
+                             logging.DEBUG if self.registry.failure_logged else logging.ERROR)
+            served = self.registry.snapshot(nothing_served=self.control.generation() == 0)
+            if served is None:
+                self.finish_sync(started, ok=False)
+                return False
+            models, canaries = served
         _generation, table = self.control.read_table()
         new_table, ok = {}, True
         for model in models:
@@ -276,6 +317,7 @@ class ModelSupervisor:
             ok = self.publish(new_table) and ok
         self.remove_unused_files(self.control.read_table()[1],
                                  models + [canary.model for canary in canaries.values()])
+        ok = await self.registry.after_sync(ok, self.control.generation(), models, canaries)
         self.finish_sync(started, ok)
         return ok
 
@@ -290,6 +332,8 @@ class ModelSupervisor:
             return None, False
 
     def publish(self, table: dict[str, ProductEntry]) -> bool:
+        if self.canary_watch is not None:
+            self.canary_watch.claim_breakers(table)  # before the workers look for them
         try:
             generation = self.control.publish(table)
         except ValueError as exc:  # more products than the block holds
@@ -297,6 +341,8 @@ class ModelSupervisor:
             return False
         self.stats.generation = generation
         set_model_generation(generation)
+        if self.metrics_windows is not None:
+            self.metrics_windows.remember_products(table)
         log.info("published model generation %d: %s", generation, ", ".join(
             f"{p}={e.production.model_id if e.production else None}" for p, e in sorted(table.items())))
         return True
@@ -416,12 +462,12 @@ class ModelSupervisor:
                 continue  # removed meanwhile: its worker is gone
         return names
 
-    def count_error(self, reason: str, message: str) -> None:
+    def count_error(self, reason: str, message: str, level: int = logging.ERROR) -> None:
         counts = self.stats.model_load_errors_total
         counts[reason] = counts.get(reason, 0) + 1
         count_model_load_error(reason)
         self.stats.last_error = {"reason": reason, "message": message, "at": time.time()}
-        log.error("model sync: %s: %s", reason, message)
+        log.log(level, "model sync: %s: %s", reason, message)
 
     def finish_sync(self, started: float, ok: bool) -> None:
         self.stats.syncs_total += 1
@@ -573,7 +619,8 @@ def first_sync(store: ModelStore, dsn: str, control: ControlBlock, models_dir: s
 
 def run_supervisor(store: ModelStore, dsn: str, control_segment: str, models_dir: str,
                    stats_path: str, poll_interval_s: float, model_stats_segment: str | None = None,
-                   rollback_rules: RollbackRules | None = None) -> int:
+                   rollback_rules: RollbackRules | None = None, metrics_window_s: float = 60.0,
+                   bootstrap_pending: bool = False, breaker_rules: BreakerRules | None = None) -> int:
     """The sidecar's entry point, in the child the master forked; returns the exit code."""
     import uvloop
 
@@ -585,8 +632,12 @@ def run_supervisor(store: ModelStore, dsn: str, control_segment: str, models_dir
     control = ControlBlock.attach(control_segment)
     model_stats = CounterBlock.attach(model_stats_segment) if model_stats_segment else None
     try:
-        watch = CanaryWatch(model_stats, rollback_rules or RollbackRules()) if model_stats else None
-        supervisor = ModelSupervisor(control, store, dsn, models_dir, stats_path, poll_interval_s, watch)
+        watch = CanaryWatch(model_stats, rollback_rules or RollbackRules(),
+                            breaker_rules=breaker_rules) if model_stats else None
+        windows = MetricsWindows(model_stats, metrics_window_s,
+                                 os.path.join(os.path.dirname(stats_path), METRICS_CUT_FILE)) if model_stats else None
+        supervisor = ModelSupervisor(control, store, dsn, models_dir, stats_path, poll_interval_s, watch, windows,
+                                     bootstrap_pending)
         return uvloop.run(supervisor.run())
     finally:
         control.close()
@@ -600,6 +651,11 @@ def first_model_sync(settings: Settings, dsn: str, control: ControlBlock) -> boo
                       data_path(settings.data_dir, STATS_FILE), settings.model_poll_interval_s)
 
 
+def breaker_rules(settings: Settings) -> BreakerRules:
+    return BreakerRules(failures=settings.breaker_failures, window_s=settings.breaker_window_s,
+                        cooldown_s=settings.breaker_cooldown_s)
+
+
 def rollback_rules(settings: Settings) -> RollbackRules:
     return RollbackRules(window_s=settings.canary_window_s, min_requests=settings.canary_min_requests,
                          max_error_ratio=settings.canary_max_error_ratio,
@@ -607,13 +663,17 @@ def rollback_rules(settings: Settings) -> RollbackRules:
 
 
 def supervisor_sidecar(settings: Settings, dsn: str, control_segment: str,
-                       model_stats_segment: str | None = None) -> Sidecar:
-    """The master's sidecar that runs the supervisor; SIGHUP to the master reaches it."""
+                       model_stats_segment: str | None = None, bootstrap_pending: bool = False) -> Sidecar:
+    """The master's sidecar that runs the supervisor; SIGHUP to the master reaches it.
+
+    bootstrap_pending: the master could not apply the migrations nor register the demo model.
+    """
 
     def run() -> int:
         return run_supervisor(open_model_store(settings), dsn, control_segment,
                               data_path(settings.data_dir, MODELS_DIR),
                               data_path(settings.data_dir, STATS_FILE), settings.model_poll_interval_s,
-                              model_stats_segment, rollback_rules(settings))
+                              model_stats_segment, rollback_rules(settings), settings.metrics_window_s,
+                              bootstrap_pending, breaker_rules(settings))
 
     return Sidecar("supervisor", run, data_path(settings.data_dir, SUPERVISOR_PIDFILE), forward_hup=True)

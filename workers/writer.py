@@ -39,7 +39,8 @@ from shm.ring import QueueRings, RingReader
 from shm.segment import segment_name
 from workers.arbiter import Sidecar
 from workers.paths import data_path
-from workers.prediction_sink import RETRY_S, DatabaseAway, PostgresSink
+from workers.prediction_sink import DatabaseAway, PostgresSink
+from workers.retry import Backoff
 from workers.spool import BatchSpool, OverflowFiles, SpoolCorrupt
 
 log = logging.getLogger("sira.writer")
@@ -49,6 +50,8 @@ HOUSEKEEPING_S = 0.5         # counters that need a scan (ages, files)
 STOP_DEADLINE_S = 25.0       # the master waits 30 s for the writer to stop
 RING_BATCH_BYTES = 16 * 1024 * 1024
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+RECONNECT_FIRST_S = 0.5      # Postgres away: probed after 0.5, 1, 2, 4, 5, 5 ... s, jittered (workers/retry.py)
+RECONNECT_MAX_S = 5.0
 
 
 class PredictionWriter:
@@ -68,6 +71,7 @@ class PredictionWriter:
         self.stopping = asyncio.Event()
         self._next_slot = 0
         self._retry_at = 0.0
+        self._reconnect_backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
         self._housekeeping_at = 0.0
         self._spool_full_logged = False
 
@@ -190,7 +194,7 @@ class PredictionWriter:
                       self.spool.directory)
         self.database_up = False
         self.stats.set(Stat.DATABASE_UP, 0)
-        self._retry_at = time.monotonic() + RETRY_S
+        self._retry_at = time.monotonic() + self._reconnect_backoff.next_delay()
 
     async def _maybe_reconnect(self) -> None:
         if self.database_up or time.monotonic() < self._retry_at:
@@ -200,8 +204,9 @@ class PredictionWriter:
                      self.spool.batches, self.overflow.waiting())
             self.database_up = True
             self.stats.set(Stat.DATABASE_UP, 1)
+            self._reconnect_backoff.reset()
         else:
-            self._retry_at = time.monotonic() + RETRY_S
+            self._retry_at = time.monotonic() + self._reconnect_backoff.next_delay()
 
     # -- backlog on disk --------------------------------------------------------------------------
 
@@ -286,6 +291,9 @@ def run_writer(config: PredictionLogConfig) -> int:
     """The writer sidecar's entry point, in the child the master forked."""
     import uvloop
 
+    # The pool warns at every failed connection attempt; the writer says once that Postgres is away
+    # and once that it is back (one line per change, not per retry).
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     return uvloop.run(writer_main(config))
 
 

@@ -51,7 +51,7 @@ def render(document: dict) -> str:
                   for g in document["goals"]]) + [""]
     swap = document["swap"]
     if swap:
-        timeline = (f"publish {swap['publish_s']} s, promote {swap['promote_s']} s, SIGHUP {swap['reload_s']} s; "
+        timeline = (f"publish {swap['publish_s']} s, promote {swap['promote_s']} s, `sira reload` {swap['reload_s']} s; "
                     f"the new model's first answer {fmt(swap['first_new_answer_after_s'])} s and the old one's last "
                     f"{fmt(swap['last_old_answer_after_s'])} s after the publish began; window {swap['window_s']} s.")
         out += [f"### Swap at {swap['rate']} req/s (k6, {swap['seconds']:g} s)", "", timeline, ""]

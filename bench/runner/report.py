@@ -80,10 +80,10 @@ def print_report(document: dict, out: Callable[[str], None] = print) -> None:
     out(f"{'scenario':<9} {'target':<12} {'load':<21} {'req/s':>8} {'p50 ms':>7} {'p95 ms':>7} {'p99 ms':>7} "
         f"{'max ms':>7} {'errors':>6} {'cpu us':>6}  SLO")
     for item in document["results"]:
-        failed = [c["name"] for c in item["slo"] if c["pass"] is False]
+        failed = "; ".join(c["name"] for c in item["slo"] if c["pass"] is False)
         out(f"{item['scenario']:<9} {item['target']:<12} {mode_label(item):<21} {fmt(item['rps'], 0):>8} "
             f"{fmt(item['p50_ms']):>7} {fmt(item['p95_ms']):>7} {fmt(item['p99_ms']):>7} {fmt(item['max_ms']):>7} "
-            f"{item['errors']:>6} {fmt(item.get('server_cpu_us_per_request'), 0):>6}  {item['verdict']}{' (' + '; '.join(failed) + ')' if failed else ''}"
+            f"{item['errors']:>6} {fmt(item.get('server_cpu_us_per_request'), 0):>6}  {item['verdict']}{f' ({failed})' if failed else ''}"
             f"{'  dropped ' + str(item['dropped']) if item.get('dropped') else ''}")
     out("(cpu us: the server's CPU time per request in the closed-loop run, its Postgres included)")
     for item in document["results"]:

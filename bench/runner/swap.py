@@ -112,7 +112,8 @@ def run_swap(target: Target, plan: CpuPlan, options: LoadOptions, seconds: float
     split = split_by_window(samples, marks, margin_s)
     start = marks["start"]
     return {"rate": options.rate, "seconds": seconds, "new_model_id": marks["model_id"],
-            "publish_s": round(marks["published"] - start, 3), "promote_s": round(marks["promoted"] - marks["published"], 3),
+            "publish_s": round(marks["published"] - start, 3),
+            "promote_s": round(marks["promoted"] - marks["published"], 3),
             "reload_s": round(marks["reloaded"] - marks["promoted"], 3), **split,
             "errors": split["inside"]["errors"] + split["outside"]["errors"],
             "overall": overall}

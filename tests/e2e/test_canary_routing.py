@@ -197,14 +197,13 @@ def rollback_rows(dsn: str) -> list[tuple]:
                             "FROM sira_canary_rollback_log ORDER BY id").fetchall()
 
 
-ROLLBACK_ENV = {"SIRA_CANARY_MIN_REQUESTS": "50", "SIRA_CANARY_WINDOW_S": "30"}
+ROLLBACK_ENV = {"SIRA_CANARY_MIN_REQUESTS": "50", "SIRA_CANARY_WINDOW_S": "30",
+                "SIRA_BREAKER_FAILURES": "1000000"}  # the breaker stays out of the way of the window rules
 
 
 def test_a_faulty_canary_fails_no_request_and_is_rolled_back(server_factory, fresh_db, tmp_path):
     server = server_factory(workers=2, **ROLLBACK_ENV)
-    path = str(tmp_path / "faulty.onnx")
-    build_faulty_model(path, FeatureSpec.from_dict(demo_spec()).baseline_row().tolist())
-    canary_id = publish(server, path, "faulty-1")
+    canary_id = publish(server, faulty_model(tmp_path), "faulty-1")
     set_canary(server, canary_id, 50)
     answers = []
     with httpx.Client(base_url=server.url, headers=bearer(), timeout=30) as client:
@@ -227,6 +226,47 @@ def test_a_faulty_canary_fails_no_request_and_is_rolled_back(server_factory, fre
     wait_for(lambda: total(scrape(server.url), "sira_canary_rollbacks_total", product=PRODUCT) == 1,
              "the rollback counted")
     assert "rolled back (error_rate)" in server.log()
+    samples = scrape(server.url)
+    assert total(samples, "sira_inference_fallbacks_total", model_id=canary_id) == len(fallbacks)
+    assert total(samples, "sira_prediction_errors_total", model_id=canary_id, error_type="MODEL_FAILED") == len(fallbacks)
+
+
+def faulty_model(tmp_path) -> str:
+    path = str(tmp_path / "faulty.onnx")
+    build_faulty_model(path, FeatureSpec.from_dict(demo_spec()).baseline_row().tolist())
+    return path
+
+
+def test_a_failing_canary_trips_its_breaker_and_failing_again_is_rolled_back(server_factory, fresh_db, tmp_path):
+    server = server_factory(workers=2, SIRA_BREAKER_FAILURES="5", SIRA_BREAKER_COOLDOWN_S="2",
+                            SIRA_CANARY_MIN_REQUESTS="1000000")  # only the breaker can roll it back here
+    canary_id = publish(server, faulty_model(tmp_path), "faulty-2")
+    set_canary(server, canary_id, 50)
+    answers = []
+    with httpx.Client(base_url=server.url, headers=bearer(), timeout=30) as client:
+        def send_some() -> bool:
+            for _ in range(10):
+                sent = event()
+                response = client.post("/v1/infer", json=sent)
+                assert response.status_code == 200, response.text
+                answers.append((sent["event_id"], response.json()))
+            return bool(rollback_rows(fresh_db))
+
+        wait_for(send_some, "the breaker's rollback", timeout=120)
+    (product, rolled_back, reason, figures, triggered_by), = rollback_rows(fresh_db)
+    assert (product, rolled_back, reason, triggered_by) == (PRODUCT, canary_id, "circuit_breaker", "auto")
+    assert figures["breaker"]["failures_after_cooldown"] >= 1
+    canary_events = [(event_id, a) for event_id, a in answers if goes_to_canary(PRODUCT, event_id, 5000)]
+    fell_back = [a for _, a in canary_events if a.get("fallback")]
+    skipped = [a for _, a in canary_events if not a.get("fallback")]  # while the breaker was open
+    assert fell_back and skipped and all(a["model_role"] == "production" for _, a in canary_events)
+    samples = wait_for(lambda: (found := scrape(server.url)) and  # closed again once the canary is stopped
+                       total(found, "sira_canary_breaker_state", model_id=canary_id) == 0 and found, "the breaker closed")
+    assert total(samples, "sira_canary_breaker_opened_total", model_id=canary_id) >= 2  # opened, then again
+    assert total(samples, "sira_inference_fallbacks_total", model_id=canary_id) == len(fell_back)
+    log = server.log()
+    assert "circuit breaker of canary" in log and "is open" in log and "is half_open" in log
+    assert "supervisor task" not in log and "Traceback" not in log  # the watch never crashed
 
 
 def test_a_slow_canary_is_rolled_back_on_its_latency(server_factory, fresh_db, tmp_path):

@@ -242,3 +242,13 @@ def test_no_request_id_given_gets_a_generated_one(client):
     response = client.post("/v1/infer", json=event(), headers={"X-Request-ID": "bad id with spaces"})
     assert response.status_code == 200
     assert response.headers["x-request-id"] != "bad id with spaces"
+
+
+def test_a_refused_body_closes_the_connection_and_says_so(client):
+    """An answer sent before the body was read ends the connection: the client must be told."""
+    too_large = raw_post(client, json.dumps({**event(), "padding": "x" * 2_000_000}).encode())
+    assert too_large.status_code == 413 and too_large.headers["connection"] == "close"
+    refused = client.post("/v1/infer", content=json.dumps(event()).encode(),
+                          headers={"Content-Type": "application/json", "Authorization": "Bearer nope"})
+    assert refused.status_code == 401 and refused.headers["connection"] == "close"
+    assert client.post("/v1/infer", json=event()).status_code == 200  # a new connection, no error

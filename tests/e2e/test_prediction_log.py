@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
-import tempfile
 import threading
 import time
 import uuid
@@ -23,7 +21,6 @@ import pytest
 
 from tests.fixtures.metrics import scrape, total
 from tests.fixtures.server import bearer
-from workers.database import EmbeddedPostgres
 
 ERROR_FIELDS = {"error_code", "message", "request_id", "timestamp", "details"}
 SEED_FIELDS = {"prediction_id", "model_id", "event_id", "product", "score", "decision", "explain",
@@ -71,19 +68,6 @@ def frozen(pid: int):
         yield
     finally:
         os.kill(pid, signal.SIGCONT)
-
-
-@pytest.fixture
-def own_postgres():
-    """A Postgres for one test, which it may stop and start; sira reaches it through DATABASE_URL."""
-    folder = tempfile.mkdtemp(prefix="sira-e2e-predlog-pg-")
-    server = EmbeddedPostgres(os.path.join(folder, "pg"), durable=False)
-    try:
-        server.open()
-        yield server
-    finally:
-        server.close()
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def test_get_finds_a_prediction_made_a_moment_ago_on_any_worker(server_factory, fresh_db):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import secrets
+import time
 import uuid
 from urllib.parse import urlsplit, urlunsplit
 
@@ -123,13 +124,34 @@ def test_the_hostile_requests_reached_the_log(exposed):
     assert len(refused) >= len(hostile_credentials()) + 1
 
 
-@pytest.mark.parametrize("command", [["serve"], ["migrate"]])
-def test_unreachable_database_error_does_not_show_its_password(tmp_path, command):
+def test_unreachable_database_error_does_not_show_its_password(tmp_path):
+    """`sira migrate` fails and says so; the password is never in what it prints."""
     closed_port = free_port()
     env = sira_env(SIRA_DATA_DIR=str(tmp_path), SIRA_BIND=f"127.0.0.1:{free_port()}", JWT_SECRET=JWT_SECRET,
                    DATABASE_URL=f"postgresql://sira:{DB_PASSWORD}@127.0.0.1:{closed_port}/sira?connect_timeout=2")
-    result = run_sira(*command, env=env, timeout=120)
+    result = run_sira("migrate", env=env, timeout=120)
     assert result.returncode != 0
     assert result.stderr.strip(), "the failure is said"
     assert DB_PASSWORD not in result.stdout + result.stderr
     assert JWT_SECRET not in result.stdout + result.stderr
+
+
+def test_serving_without_its_database_never_shows_the_password(tmp_path):
+    """`sira serve` starts without an unreachable Postgres and waits for it; its logs name no password."""
+    port, closed_port = free_port(), free_port()
+    env = sira_env(SIRA_DATA_DIR=str(tmp_path), SIRA_BIND=f"127.0.0.1:{port}", SIRA_WORKERS="1",
+                   JWT_SECRET=JWT_SECRET,
+                   DATABASE_URL=f"postgresql://sira:{DB_PASSWORD}@127.0.0.1:{closed_port}/sira?connect_timeout=2")
+    server = SiraServer(str(tmp_path), env, port)
+    try:
+        server.start(wait_ready=False)
+        ready = httpx.get(server.url + "/readyz", timeout=5)
+        assert ready.status_code == 503 and "postgres unreachable" in ready.text
+        deadline = time.monotonic() + 60
+        while "cannot prepare the database" not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        server.stop()
+    log = server.log()
+    assert "cannot prepare the database" in log  # the failure is said
+    assert DB_PASSWORD not in log and JWT_SECRET not in log

@@ -77,10 +77,10 @@ def writer(block):
 def test_counts_of_every_worker_add_up_and_a_successor_continues_its_slot(block, writer):
     first, second = writer(0), writer(2)
     for _ in range(5):
-        first.counters(PROD, "production").answered(0.0004)
+        first.counters(PROD, "production").answered(0.0004, "allow")
     first.counters(CANARY, "canary").failed()
-    second.counters(PROD, "production").answered(None)  # a cache hit: counted, not timed
-    writer(0).counters(PROD, "production").answered(0.0004)  # a restarted worker 0
+    second.counters(PROD, "production").answered(None, "allow")  # a cache hit: counted, not timed
+    writer(0).counters(PROD, "production").answered(0.0004, "allow")  # a restarted worker 0
     figures = read_model_figures(block)
     production = figures[(PROD, "production")]
     assert (production.requests, production.errors, production.scored) == (7, 0, 6)
@@ -92,7 +92,7 @@ def test_a_full_region_frees_entries_of_models_no_longer_served(block, writer):
     one = writer(1)
     old = [str(uuid.uuid4()) for _ in range(12)]
     for model_id in old:
-        one.counters(model_id, "production").answered(None)
+        one.counters(model_id, "production").answered(None, "allow")
     assert one.counters(PROD, "production") is None
     one.retire({(old[0], "production")})
     assert one.counters(PROD, "production") is not None
@@ -137,14 +137,14 @@ def test_the_watch_judges_the_window_and_forgets_what_is_older(block, writer):
     table = {"fraud_score": ProductEntry("fraud_score", slot(PROD), slot(CANARY), canary_bp=1000)}
     for _ in range(50):
         writer.counters(CANARY, "canary").failed()  # old failures, before the window
-        writer.counters(PROD, "production").answered(0.0003)
+        writer.counters(PROD, "production").answered(0.0003, "allow")
     watch.observe()
     now[0] = 20.0
     watch.observe()
     now[0] = 31.0
     for _ in range(50):
-        writer.counters(CANARY, "canary").answered(0.0003)
-        writer.counters(PROD, "production").answered(0.0003)
+        writer.counters(CANARY, "canary").answered(0.0003, "allow")
+        writer.counters(PROD, "production").answered(0.0003, "allow")
     watch.observe()
     assert watch.verdicts(table) == []  # the failures are older than the window
     for _ in range(20):
@@ -156,3 +156,82 @@ def test_the_watch_judges_the_window_and_forgets_what_is_older(block, writer):
     assert verdict.figures["canary"]["errors"] == 20
     stopped = {"fraud_score": ProductEntry("fraud_score", slot(PROD), slot(CANARY), canary_bp=0)}
     assert watch.verdicts(stopped) == []  # a stopped canary is not judged
+
+
+def test_metrics_windows_cut_the_counts_between_boundaries(block, writer, tmp_path):
+    from workers.metrics_windows import MetricsWindows, next_boundary
+
+    assert next_boundary(125.0, 60) == 180.0 and next_boundary(180.0, 60) == 240.0
+    state = str(tmp_path / "cut.json")
+    windows = MetricsWindows(block, 60, state)
+    windows.remember_products({"fraud_score": ProductEntry("fraud_score", slot(PROD), slot(CANARY), canary_bp=500)})
+    counting = writer(0)
+    counting.counters(PROD, "production").answered(0.0003, "allow")  # before the first cut: counted in it
+    windows.cut(120.0)
+    (first,) = windows.pending
+    assert first[0].timestamp() == 60.0 and first[5] == 1
+    windows.pending.clear()
+    for decision in ("allow", "allow", "review", "block"):
+        counting.counters(PROD, "production").answered(0.0003, decision)
+    counting.counters(CANARY, "canary").failed()
+    counting.counters(str(uuid.uuid4()), "production").answered(None, "allow")  # a product never seen: left out
+    restarted = MetricsWindows(block, 60, state)  # a restarted supervisor goes on from the last cut
+    restarted.products = windows.products
+    restarted.cut(180.0)
+    rows = {row[4]: row for row in restarted.pending}
+    production, canary = rows["production"], rows["canary"]
+    assert production[0].timestamp() == 120.0 and production[1] == 60 and production[2] == "fraud_score"
+    assert production[5:7] == (4, 0) and production[10:] == (2, 1, 1)
+    assert 0.28 <= production[8] <= 0.32  # p95 ms of 0.3 ms runs
+    assert canary[5:7] == (1, 1) and canary[7] is None  # no run timed
+    restarted.pending.clear()
+    restarted.cut(240.0)
+    assert restarted.pending == []  # nothing happened in that window
+
+
+def test_the_breaker_opens_half_opens_and_closes_or_rolls_back(block, writer):
+    from shm import breakers
+    from workers.canary_watch import BreakerRules
+
+    now = [0.0]
+    watch = CanaryWatch(block, RollbackRules(window_s=60, min_requests=10**6), clock=lambda: now[0],
+                        breaker_rules=BreakerRules(failures=3, window_s=10, cooldown_s=5, probes=4),
+                        wall_clock=lambda: now[0])
+    table = {"fraud_score": ProductEntry("fraud_score", slot(PROD), slot(CANARY), canary_bp=1000)}
+    watch.claim_breakers(table)
+    cell = breakers.find_breaker(block, CANARY)
+    state = lambda: block.get(cell + breakers.STATE)  # noqa: E731
+    canary = writer(0).counters(CANARY, "canary")
+    watch.observe()
+    for _ in range(3):
+        canary.failed()
+    now[0] = 1.0
+    watch.observe()
+    assert watch.update_breakers(table) == [] and state() == breakers.OPEN
+    now[0] = 7.0
+    watch.observe()
+    watch.update_breakers(table)
+    assert state() == breakers.HALF_OPEN
+    for _ in range(4):
+        canary.answered(0.0003, "allow")
+    now[0] = 8.0
+    watch.observe()
+    watch.update_breakers(table)
+    assert state() == breakers.CLOSED  # four answers and no failure: closed again
+    for _ in range(3):
+        canary.failed()
+    now[0] = 9.0
+    watch.observe()
+    watch.update_breakers(table)
+    now[0] = 15.0
+    watch.observe()
+    watch.update_breakers(table)
+    assert state() == breakers.HALF_OPEN
+    canary.failed()
+    now[0] = 16.0
+    watch.observe()
+    (verdict,) = watch.update_breakers(table)
+    assert verdict.reason == "circuit_breaker" and state() == breakers.OPEN
+    assert breakers.breaker_states(block)[CANARY] == (breakers.OPEN, 3)
+    watch.update_breakers({"fraud_score": ProductEntry("fraud_score", slot(PROD))})  # rolled back
+    assert state() == breakers.CLOSED and breakers.breaker_states(block)[CANARY][1] == 3
