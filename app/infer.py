@@ -22,7 +22,7 @@ import numpy as np
 from app.cache import PredictionCache
 from app.errors import ApiError, InferenceTimeout, InvalidRequest, ModelNotFound, ServiceUnavailable, error_body
 from app.features import decide
-from app.metrics import count_model_failure
+from app.metrics import count_fallbacks, count_model_failure
 from app.model_stats import NULL_MODEL_STATS
 from app.models import ModelTable, ServingModel
 from app.predlog import NULL_PREDICTION_LOG
@@ -38,12 +38,13 @@ class ModelFailed(Exception):
 
 
 def routed_model(models: ModelTable, product: str, event_id: str,
-                 path: str = "") -> tuple[ServingModel, ServingModel | None]:
-    """(the model that answers, a shadow model or None); 404 when no model serves the product."""
-    model, shadow = models.route(product, event_id)
+                 path: str = "") -> tuple[ServingModel, ServingModel | None, ServingModel | None]:
+    """(the model that answers, a shadow model or None, the canary skipped for its open breaker or
+    None); 404 when no model serves the product."""
+    model, shadow, skipped = models.route(product, event_id)
     if model is None:
         raise ModelNotFound(f"no model serves product {product!r}", {"field": path + "product", "product": product})
-    return model, shadow
+    return model, shadow, skipped
 
 
 def production_model(models: ModelTable, product: str) -> ServingModel:
@@ -133,10 +134,13 @@ class InferResource:
         else:  # tracing on (app/tracing.py); so below
             with self.tracer.start_as_current_span("parse"):
                 request = parse_infer_request(await read_json_object(req, self.max_body_bytes))
-        model, shadow = routed_model(self.models, request.product, request.event_id)
+        model, shadow, skipped = routed_model(self.models, request.product, request.event_id)
         req.context.model = model  # labels the request's metrics (app/metrics.py), errors included
         try:
             body = self.answer(model, request, started)
+            if skipped is not None:  # its canary's breaker is open: production answered instead
+                body["fallback"] = True
+                count_fallbacks(request.product, skipped.model_id)
         except ModelFailed as exc:
             report_model_failure(model, str(exc))
             if model.role != "canary":
@@ -232,10 +236,12 @@ class BatchInferResource:
                                  {"field": "events", "limit": self.batch_max})
         results: list = [None] * len(events)
         request_id = req.context.request_id
-        groups, shadows = self.group_valid_events(events, results, request_id)
+        groups, shadows, skipped = self.group_valid_events(events, results, request_id)
         keys = self.answer_from_cache(groups, results, started) if self.cache is not None else None
         for model, items in groups.values():
             self.score_group(model, items, results, started, request_id)
+        if skipped:
+            mark_skipped_canaries(skipped, results)
         if keys:
             self.store_in_cache(keys, results)
         self.log_predictions(events, results, request_id)
@@ -280,29 +286,33 @@ class BatchInferResource:
             if "prediction_id" in answer and "fallback" not in answer:
                 self.cache.put(key, answer["score"], answer["explain_summary"], explained)
 
-    def group_valid_events(self, events: list, results: list, request_id: str) -> tuple[dict, list]:
+    def group_valid_events(self, events: list, results: list, request_id: str) -> tuple[dict, list, dict]:
         """Check every event; errors go straight into results, valid rows are grouped by model.
 
-        Also returns the (shadow model, request) pairs to score after the answer.
+        Also returns the (shadow model, request) pairs to score after the answer, and the events
+        whose canary was skipped for its open breaker (index -> that canary).
         """
         groups: dict[tuple[str, str], tuple[ServingModel, list]] = {}
         shadows: list[tuple[ServingModel, InferRequest]] = []
+        skipped_canaries: dict[int, ServingModel] = {}
         for index, event in enumerate(events):
             path = f"events[{index}]."
             try:
                 if type(event) is not dict:
                     raise InvalidRequest("each event must be a JSON object", {"field": path[:-1]})
                 request = parse_infer_request(event, path)
-                model, shadow = routed_model(self.models, request.product, request.event_id, path)
+                model, shadow, skipped = routed_model(self.models, request.product, request.event_id, path)
                 row = np.empty(len(model.spec), dtype=np.float32)
                 model.spec.build_row(request.payload, row)
             except ApiError as exc:
                 results[index] = event_error(exc, index, path, request_id)
                 continue
+            if skipped is not None:
+                skipped_canaries[index] = skipped
             groups.setdefault((model.model_id, model.role), (model, []))[1].append((index, request, row))
             if shadow is not None:
                 shadows.append((shadow, request))
-        return groups, shadows
+        return groups, shadows, skipped_canaries
 
     def score_group(self, model: ServingModel, items: list, results: list, started: float,
                     request_id: str) -> None:
@@ -379,6 +389,15 @@ class BatchInferResource:
                 answer = prediction(model, float(scores[position]), [], started)
                 counters.answered(run_s, answer["decision"])
                 self.prediction_log.append(answer, request.event_id, request.product, request_id)
+
+
+def mark_skipped_canaries(skipped: dict[int, ServingModel], results: list) -> None:
+    """Production answered these events because their canary's breaker is open: say so, count them."""
+    for index, canary in skipped.items():
+        answer = results[index]
+        if "prediction_id" in answer:
+            answer["fallback"] = True
+            count_fallbacks(canary.product, canary.model_id)
 
 
 def event_error(exc: ApiError, index: int, path: str, request_id: str) -> dict:

@@ -215,6 +215,11 @@ def count_model_failure(product: str, model_id: str, fell_back: bool, events: in
         metrics.fallbacks.labels(product, model_id).inc(events)
 
 
+def count_fallbacks(product: str, model_id: str, events: int = 1) -> None:
+    """Events production answered for a canary whose circuit breaker is open (fallback: true)."""
+    process_metrics().fallbacks.labels(product, model_id).inc(events)
+
+
 def start_fallback_series(product: str, model_id: str) -> None:
     """In a worker that loads a canary: its fallback counter at 0, so increase() sees the first one."""
     process_metrics().fallbacks.labels(product, model_id)

@@ -90,25 +90,30 @@ class LiveModelTable(ModelTable):
             self.swap()
         return self.production.get(product)
 
-    def route(self, product: str, event_id: str) -> tuple[ServingModel | None, ServingModel | None]:
-        """(the model that answers the event, a shadow model that scores it too, or None).
+    def route(self, product: str, event_id: str) -> tuple[ServingModel | None, ServingModel | None,
+                                                         ServingModel | None]:
+        """(the model that answers the event, a shadow model that scores it too or None, the canary
+        the event was meant for when its breaker is open and production answers instead, or None).
 
         The canary answers the events whose bucket (app/canary_routing.py) is below its basis
-        points; a shadow model scores every event of its product and answers none.
+        points; a shadow model scores every event of its product and answers none. While a canary's
+        circuit breaker is open, production answers its events (and its shadow scores none).
         """
         if self._published_generation() != self.applied_generation:
             self.swap()
         canary = self.canaries.get(product)
         if canary is None:
-            return self.production.get(product), None
+            return self.production.get(product), None, None
         model, _slot, basis_points, shadow, breaker = canary
-        if breaker >= 0 and self._breaker_cells[breaker] == OPEN:  # skipped while its breaker is open
-            return self.production.get(product), None
         if shadow:
-            return self.production.get(product), model
+            if breaker >= 0 and self._breaker_cells[breaker] == OPEN:
+                return self.production.get(product), None, None
+            return self.production.get(product), model, None
         if canary_bucket(product, event_id) < basis_points:
-            return model, None
-        return self.production.get(product), None
+            if breaker >= 0 and self._breaker_cells[breaker] == OPEN:
+                return self.production.get(product), None, model
+            return model, None, None
+        return self.production.get(product), None, None
 
     def refresh(self) -> None:
         """Swap now if the supervisor published a generation this worker has not applied."""

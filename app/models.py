@@ -61,12 +61,13 @@ class ModelTable:
     def get(self, product: str) -> ServingModel | None:
         return self.production.get(product)
 
-    def route(self, product: str, event_id: str) -> tuple[ServingModel | None, ServingModel | None]:
-        """(the model that answers the event, a shadow model that scores it too or None).
+    def route(self, product: str, event_id: str) -> tuple[ServingModel | None, ServingModel | None,
+                                                         ServingModel | None]:
+        """(the model that answers, a shadow model or None, a skipped canary or None).
 
         A table loaded from files has no canary; app/model_swap.LiveModelTable routes.
         """
-        return self.production.get(product), None
+        return self.production.get(product), None, None
 
     def missing_products(self) -> list[str]:
         return [product for product in self.expected_products if product not in self.production]

@@ -16,7 +16,14 @@ import struct
 import time
 from typing import Final
 
-from shm.segment import COMMON_HEADER_SIZE, Segment, SegmentError, DEFAULT_DIRECTORY
+from shm.segment import (
+    COMMON_HEADER_SIZE,
+    DEFAULT_DIRECTORY,
+    Segment,
+    SegmentError,
+    built_over_attached,
+    built_over_new,
+)
 
 MAGIC: Final = b"SIRACACH"
 LAYOUT_VERSION: Final = 1
@@ -124,23 +131,13 @@ class ShmCache:
         header = header.ljust(_HEADER_SIZE - COMMON_HEADER_SIZE, b"\0")
         size = _HEADER_SIZE + n_buckets * bucket_size
         segment = Segment.create(name, size, MAGIC, LAYOUT_VERSION, directory, header=header)
-        try:
-            return cls(segment)
-        except BaseException:
-            segment.close()
-            segment.unlink()
-            raise
+        return built_over_new(segment, cls)
 
     @classmethod
     def attach(cls, name: str, directory: str = DEFAULT_DIRECTORY) -> ShmCache:
         """Attach to a cache created by another process, checking every recorded size."""
         segment = Segment.attach(name, MAGIC, LAYOUT_VERSION, directory)
-        try:
-            _check_cache_header(segment)
-            return cls(segment)
-        except BaseException:
-            segment.close()
-            raise
+        return built_over_attached(segment, cls, _check_cache_header)
 
     def get(self, key: bytes, now_ms: int | None = None) -> bytes | None:
         """The value stored under ``key``, or None (absent, expired, torn or corrupt)."""

@@ -20,7 +20,15 @@ import zlib
 from dataclasses import dataclass
 from typing import Final, Mapping
 
-from shm.segment import COMMON_HEADER_SIZE, DEFAULT_DIRECTORY, Segment, SegmentBacked, SegmentError
+from shm.segment import (
+    COMMON_HEADER_SIZE,
+    DEFAULT_DIRECTORY,
+    Segment,
+    SegmentBacked,
+    SegmentError,
+    built_over_attached,
+    built_over_new,
+)
 
 MAGIC: Final = b"SIRACTRL"
 LAYOUT_VERSION: Final = 1
@@ -139,12 +147,7 @@ class ControlBlock(SegmentBacked):
         size = segment_size(max_products)
         segment = Segment.create(name, size, MAGIC, LAYOUT_VERSION, directory=directory,
                                  header=header)
-        try:
-            return cls(segment)
-        except BaseException:
-            segment.close()
-            segment.unlink()
-            raise
+        return built_over_new(segment, cls)
 
     @classmethod
     def attach(cls, name: str, directory: str = DEFAULT_DIRECTORY,
@@ -152,11 +155,7 @@ class ControlBlock(SegmentBacked):
         """Map an existing block (workers may map it read-only; they never publish)."""
         segment = Segment.attach(name, MAGIC, LAYOUT_VERSION, directory=directory,
                                  readonly=readonly)
-        try:
-            return cls(segment)
-        except BaseException:
-            segment.close()
-            raise
+        return built_over_attached(segment, cls)
 
     def generation(self) -> int:
         """The current generation: the per-request check, one 8-byte load."""

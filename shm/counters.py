@@ -10,7 +10,15 @@ import struct
 import sys
 from typing import Final
 
-from shm.segment import COMMON_HEADER_SIZE, DEFAULT_DIRECTORY, Segment, SegmentBacked, SegmentError
+from shm.segment import (
+    COMMON_HEADER_SIZE,
+    DEFAULT_DIRECTORY,
+    Segment,
+    SegmentBacked,
+    SegmentError,
+    built_over_attached,
+    built_over_new,
+)
 
 MAGIC: Final = b"SIRACNTR"
 LAYOUT_VERSION: Final = 1
@@ -60,22 +68,13 @@ class CounterBlock(SegmentBacked):
         size = COMMON_HEADER_SIZE + SPECIFIC_HEADER_SIZE + cells * CELL_SIZE
         segment = Segment.create(name, size, MAGIC, LAYOUT_VERSION, directory=directory,
                                  header=header)
-        try:
-            return cls(segment)
-        except BaseException:
-            segment.close()
-            segment.unlink()
-            raise
+        return built_over_new(segment, cls)
 
     @classmethod
     def attach(cls, name: str, directory: str = DEFAULT_DIRECTORY) -> CounterBlock:
         """Map an existing block after checking magic, version and size."""
         segment = Segment.attach(name, MAGIC, LAYOUT_VERSION, directory=directory)
-        try:
-            return cls(segment)
-        except BaseException:
-            segment.close()
-            raise
+        return built_over_attached(segment, cls)
 
     def _at(self, cell: int) -> int:
         """Byte offset of a cell; IndexError outside the block."""

@@ -24,7 +24,15 @@ import struct
 import time
 from typing import Final
 
-from shm.segment import COMMON_HEADER_SIZE, DEFAULT_DIRECTORY, Segment, SegmentBacked, SegmentError
+from shm.segment import (
+    COMMON_HEADER_SIZE,
+    DEFAULT_DIRECTORY,
+    Segment,
+    SegmentBacked,
+    SegmentError,
+    built_over_attached,
+    built_over_new,
+)
 
 MAGIC: Final = b"SIRARATE"
 LAYOUT_VERSION: Final = 1
@@ -122,23 +130,13 @@ class RateLimitTable(SegmentBacked):
         header = header.ljust(SPECIFIC_HEADER_SIZE, b"\0")
         size = COMMON_HEADER_SIZE + SPECIFIC_HEADER_SIZE + n_buckets * ways * SLOT_SIZE
         segment = Segment.create(name, size, MAGIC, LAYOUT_VERSION, directory, header=header)
-        try:
-            return cls(segment)
-        except BaseException:
-            segment.close()
-            segment.unlink()
-            raise
+        return built_over_new(segment, cls)
 
     @classmethod
     def attach(cls, name: str, directory: str = DEFAULT_DIRECTORY) -> RateLimitTable:
         """Map a table created by another process, checking every recorded size."""
         segment = Segment.attach(name, MAGIC, LAYOUT_VERSION, directory)
-        try:
-            _check_header(segment)
-            return cls(segment)
-        except BaseException:
-            segment.close()
-            raise
+        return built_over_attached(segment, cls, _check_header)
 
     def acquire(self, key: bytes, interval_ns: int, period_ns: int, now_ns: int | None = None) -> int:
         """Spend one request of ``key``: 0 when admitted, else the nanoseconds until one would be.

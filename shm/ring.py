@@ -24,7 +24,15 @@ import os
 import struct
 from typing import Final, NamedTuple
 
-from shm.segment import COMMON_HEADER_SIZE, DEFAULT_DIRECTORY, Segment, SegmentBacked, SegmentError
+from shm.segment import (
+    COMMON_HEADER_SIZE,
+    DEFAULT_DIRECTORY,
+    Segment,
+    SegmentBacked,
+    SegmentError,
+    built_over_attached,
+    built_over_new,
+)
 
 MAGIC: Final = b"SIRAQRNG"
 LAYOUT_VERSION: Final = 1
@@ -157,22 +165,13 @@ class QueueRings(SegmentBacked):
         header += bytes(SPECIFIC_HEADER_SIZE - len(header))
         segment = Segment.create(name, segment_size(slots, ring_bytes), MAGIC, LAYOUT_VERSION,
                                  directory=directory, header=header)
-        try:
-            return cls(segment)
-        except BaseException:
-            segment.close()
-            segment.unlink()
-            raise
+        return built_over_new(segment, cls)
 
     @classmethod
     def attach(cls, name: str, directory: str = DEFAULT_DIRECTORY) -> QueueRings:
         """Map an existing rings segment after checking magic, version and sizes."""
         segment = Segment.attach(name, MAGIC, LAYOUT_VERSION, directory=directory)
-        try:
-            return cls(segment)
-        except BaseException:
-            segment.close()
-            raise
+        return built_over_attached(segment, cls)
 
     @property
     def slots(self) -> int:

@@ -15,7 +15,7 @@ import os
 import re
 import struct
 import time
-from typing import Final
+from typing import Callable, Final, TypeVar
 
 DEFAULT_DIRECTORY: Final = "/dev/shm"
 NAME_PREFIX: Final = "sira-"
@@ -281,6 +281,31 @@ def _check_common_header(mm: mmap.mmap, path: str, magic: bytes,
         raise SegmentError(f"segment {path} records header size {header_size}, outside "
                            f"[{COMMON_HEADER_SIZE}, {total_size}]: corrupt")
     return header_size, creator_pid
+
+
+T = TypeVar("T")
+
+
+def built_over_new(segment: Segment, build: Callable[[Segment], T]) -> T:
+    """``build(segment)`` over a segment just created; if it refuses the segment, unmap and remove it."""
+    try:
+        return build(segment)
+    except BaseException:
+        segment.close()
+        segment.unlink()
+        raise
+
+
+def built_over_attached(segment: Segment, build: Callable[[Segment], T],
+                        check: Callable[[Segment], None] | None = None) -> T:
+    """``build(segment)`` over an attached segment, after ``check``; if either refuses it, unmap it."""
+    try:
+        if check is not None:
+            check(segment)
+        return build(segment)
+    except BaseException:
+        segment.close()
+        raise
 
 
 class SegmentBacked:

@@ -19,8 +19,14 @@ import pytest
 from app.canary_routing import goes_to_canary
 from app.features import FeatureSpec
 from tests.fixtures.metrics import scrape, total
-from tests.fixtures.models import build_dense_model, build_faulty_model, demo_spec, write_spec
+from tests.fixtures.models import (
+    build_dense_model,
+    build_faulty_model,
+    demo_spec,
+    write_spec,
+)
 from tests.fixtures.server import bearer, run_sira
+from tests.fixtures.waiting import wait_for
 
 PRODUCT = "fraud_score"
 BATCH = 250
@@ -36,15 +42,6 @@ def event(event_id: str | None = None, amount: float | None = None) -> dict:
                         "features": {"hour_of_day": 14, "account_age_days": 700}},
             "options": {"include_explanation": False, "enable_cache": False}}
 
-
-def wait_for(condition, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    pytest.fail(f"timed out waiting for {what}")
 
 
 def production_model_id(server) -> str:
@@ -238,32 +235,45 @@ def faulty_model(tmp_path) -> str:
 
 
 def test_a_failing_canary_trips_its_breaker_and_failing_again_is_rolled_back(server_factory, fresh_db, tmp_path):
-    server = server_factory(workers=2, SIRA_BREAKER_FAILURES="5", SIRA_BREAKER_COOLDOWN_S="2",
+    server = server_factory(workers=2, SIRA_BREAKER_FAILURES="5", SIRA_BREAKER_COOLDOWN_S="3",
                             SIRA_CANARY_MIN_REQUESTS="1000000")  # only the breaker can roll it back here
     canary_id = publish(server, faulty_model(tmp_path), "faulty-2")
     set_canary(server, canary_id, 50)
     answers = []
     with httpx.Client(base_url=server.url, headers=bearer(), timeout=30) as client:
-        def send_some() -> bool:
-            for _ in range(10):
+        def send(count: int) -> None:
+            for _ in range(count):
                 sent = event()
                 response = client.post("/v1/infer", json=sent)
-                assert response.status_code == 200, response.text
+                assert response.status_code == 200, response.text  # the canary's failures reach nobody
                 answers.append((sent["event_id"], response.json()))
+
+        def tripped() -> bool:  # once the canary is in force, its failures open the breaker
+            send(5)
+            return total(scrape(server.url), "sira_canary_breaker_state", model_id=canary_id) == 1
+
+        wait_for(tripped, "the breaker open in /metrics", timeout=60)
+        send(20)  # while it is open, the canary's events go to production without trying it
+
+        def rolled_back() -> bool:
+            send(10)
             return bool(rollback_rows(fresh_db))
 
-        wait_for(send_some, "the breaker's rollback", timeout=120)
-    (product, rolled_back, reason, figures, triggered_by), = rollback_rows(fresh_db)
-    assert (product, rolled_back, reason, triggered_by) == (PRODUCT, canary_id, "circuit_breaker", "auto")
+        wait_for(rolled_back, "the breaker's rollback", timeout=120)
+    (product, rolled_back_id, reason, figures, triggered_by), = rollback_rows(fresh_db)
+    assert (product, rolled_back_id, reason, triggered_by) == (PRODUCT, canary_id, "circuit_breaker", "auto")
     assert figures["breaker"]["failures_after_cooldown"] >= 1
-    canary_events = [(event_id, a) for event_id, a in answers if goes_to_canary(PRODUCT, event_id, 5000)]
-    fell_back = [a for _, a in canary_events if a.get("fallback")]
-    skipped = [a for _, a in canary_events if not a.get("fallback")]  # while the breaker was open
-    assert fell_back and skipped and all(a["model_role"] == "production" for _, a in canary_events)
+    canary_events = [a for event_id, a in answers if goes_to_canary(PRODUCT, event_id, 5000)]
+    assert all(a["model_role"] == "production" for a in canary_events)  # the canary never answered
+    in_force = canary_events[next(i for i, a in enumerate(canary_events) if a.get("fallback")):]
+    answered_before_rollback = [a for a in in_force if a.get("fallback")]
+    # From the canary's first failure to its rollback, every one of its events was production's, said so:
+    # only the last round, sent after the rollback, may be plain production answers.
+    assert len(answered_before_rollback) >= len(in_force) - 10
     samples = wait_for(lambda: (found := scrape(server.url)) and  # closed again once the canary is stopped
                        total(found, "sira_canary_breaker_state", model_id=canary_id) == 0 and found, "the breaker closed")
     assert total(samples, "sira_canary_breaker_opened_total", model_id=canary_id) >= 2  # opened, then again
-    assert total(samples, "sira_inference_fallbacks_total", model_id=canary_id) == len(fell_back)
+    assert total(samples, "sira_inference_fallbacks_total", model_id=canary_id) == len(answered_before_rollback)
     log = server.log()
     assert "circuit breaker of canary" in log and "is open" in log and "is half_open" in log
     assert "supervisor task" not in log and "Traceback" not in log  # the watch never crashed

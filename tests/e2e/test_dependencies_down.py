@@ -20,17 +20,17 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 import httpx
 import psycopg
 import pytest
 
-from tests.fixtures.metrics import scrape, total
+from tests.fixtures.metrics import scrape
 from tests.fixtures.s3 import S3_ENV, S3Bucket, wait_for_port
 from tests.fixtures.server import (TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, bearer, free_port,
                                    sira_env)
+from tests.fixtures.waiting import wait_for
 from workers.registry_snapshot import SNAPSHOT_FILE
 from workers.supervisor import STATS_FILE
 
@@ -41,16 +41,6 @@ def event() -> dict:
     return {"event_id": str(uuid.uuid4()), "product": "fraud_score",
             "payload": {"amount": 150.5, "currency": "USD", "country": "US", "payment_method": "card"}}
 
-
-def wait_for(condition, what: str, timeout: float = 90.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        time.sleep(0.1)
 
 
 def new_server(data_dir: str, database_url: str, **env_overrides: str) -> SiraServer:

@@ -12,15 +12,14 @@ import contextlib
 import os
 import signal
 import threading
-import time
 import uuid
 
 import httpx
 import psycopg
-import pytest
 
 from tests.fixtures.metrics import scrape, total
 from tests.fixtures.server import bearer
+from tests.fixtures.waiting import wait_for
 
 ERROR_FIELDS = {"error_code", "message", "request_id", "timestamp", "details"}
 SEED_FIELDS = {"prediction_id", "model_id", "event_id", "product", "score", "decision", "explain",
@@ -43,16 +42,6 @@ def writer_pid(server) -> int | None:
         return None
     return pid if os.path.exists(f"/proc/{pid}") else None
 
-
-def wait_for(condition, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"waited {timeout}s for {what}")
-        time.sleep(0.05)
 
 
 def logged_ids(dsn: str) -> list[str]:
