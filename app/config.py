@@ -43,6 +43,7 @@ class AppConfig:
     models_in_use_dir: str | None = None  # where each worker lists the model files it holds
     metrics_port: int | None = None  # METRICS_BIND's port: only /metrics, /healthz, /readyz there
     model_stats_segment: str | None = None  # the master's per-model counts (shm/model_stats.py); None: not counted
+    canary_budget_ms: float = 50.0  # a canary's run time per event above which production answers instead
     rate_limit_segment: str | None = None  # the master's rate-limit table (app/ratelimit.py); None: no limits
     rate_limits: Any = None  # conf.rate_limits.RateLimits (SIRA_RATE_LIMITS)
     dependencies_file: str | None = None  # the supervisor's view of Postgres and the store (app/dependencies.py)

@@ -4,8 +4,8 @@ Routing (app/canary_routing.py): an event meets its product's canary when its bu
 canary's share, else production; a shadow model also scores every event of its product after the
 answer has left, and its predictions are logged with ``model_role: shadow``.
 
-A canary that raises or scores something that is not a probability answers nothing: production
-answers that event, the answer says ``"fallback": true``, and the canary's failure is counted in
+A canary that raises, scores something that is not a probability or runs longer than its budget
+(``SIRA_CANARY_BUDGET_MS``, per event) answers nothing: production answers that event, the answer says ``"fallback": true``, and the canary's failure is counted in
 the model stats block (shm/model_stats.py), which the supervisor's rollback watch reads. A
 production model that fails gets 503 SERVICE_UNAVAILABLE, never a made-up score.
 """
@@ -29,6 +29,7 @@ from app.predlog import NULL_PREDICTION_LOG
 from app.requests import InferRequest, parse_infer_request, read_json_object
 
 log = logging.getLogger("sira.infer")
+DEFAULT_CANARY_BUDGET_S = 0.05  # a canary run longer than this is a failure: production answers
 perf_counter = time.perf_counter
 uuid4 = uuid.uuid4
 
@@ -113,6 +114,7 @@ class InferResource:
 
     auth_actions = {"POST": "infer"}
     tracer = None  # tracing on: app/main.py sets it (app/tracing.py); None: no span is ever made
+    canary_budget_s = DEFAULT_CANARY_BUDGET_S  # SIRA_CANARY_BUDGET_MS, set by app/main.py
 
     def __init__(self, models: ModelTable, max_body_bytes: int, cache: PredictionCache | None = None,
                  prediction_log=NULL_PREDICTION_LOG, model_stats=NULL_MODEL_STATS):
@@ -186,6 +188,10 @@ class InferResource:
             counters.failed()
             raise
         run_s = perf_counter() - run_started  # the model's own time: comparable across roles
+        if run_s > self.canary_budget_s and model.role == "canary":
+            counters.failed()
+            raise ModelFailed(f"took {run_s * 1000:.1f} ms, over the canary budget of "
+                              f"{self.canary_budget_s * 1000:.0f} ms (SIRA_CANARY_BUDGET_MS)")
         check_deadline(request, started)
         if cache is not None:
             cache.put(key, score, explanation, request.include_explanation)
@@ -214,6 +220,8 @@ class InferResource:
 
 class BatchInferResource:
     """Up to SIRA_BATCH_MAX events; valid ones scored with one model run per model, in request order."""
+
+    canary_budget_s = DEFAULT_CANARY_BUDGET_S  # SIRA_CANARY_BUDGET_MS, set by app/main.py
 
     auth_actions = {"POST": "infer"}
 
@@ -332,6 +340,13 @@ class BatchInferResource:
                 self.answer_unavailable(model.product, items, results, request_id)
             return
         run_s = (perf_counter() - run_started) / len(items)  # the model's time per event of the group
+        if run_s > self.canary_budget_s and model.role == "canary":
+            for _ in items:
+                counters.failed()
+            report_model_failure(model, f"took {run_s * 1000:.1f} ms per event, over the canary budget of "
+                                        f"{self.canary_budget_s * 1000:.0f} ms (SIRA_CANARY_BUDGET_MS)", len(items))
+            self.fall_back_to_production(model.product, items, results, started, request_id)
+            return
         for position, (index, request, _) in enumerate(items):
             explanation = explanations[position] if explanations and request.include_explanation else []
             results[index] = answer = prediction(model, float(scores[position]), explanation, started)

@@ -97,9 +97,10 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
     if tracing is not None:
         infer.tracer = tracing.tracer  # spans of the request's phases
         infer.cache = traced_cache(cache, tracing.tracer)
+    batch = BatchInferResource(models, config.max_body_bytes, config.batch_max, cache, prediction_log, model_stats)
+    infer.canary_budget_s = batch.canary_budget_s = config.canary_budget_ms / 1000.0
     app.add_route("/v1/infer", infer)
-    app.add_route("/v1/infer/batch", BatchInferResource(models, config.max_body_bytes, config.batch_max, cache,
-                                                        prediction_log, model_stats))
+    app.add_route("/v1/infer/batch", batch)
     database = Database(config.database_url)  # opened on first use, closed at lifespan shutdown
     app.add_middleware(database)
     app.add_route("/v1/models", ModelsResource(database, models))

@@ -268,6 +268,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Most bytes the prediction writer spools under $SIRA_DATA_DIR/spool while Postgres is away (logged as it fills); at the limit new predictions wait in the rings."),
     Setting("SIRA_WRITER_BATCH_ROWS", "5000", parse_bounded_int(1, 100_000),
             "Most prediction rows the writer sends to Postgres in one COPY and commit."),
+    Setting("SIRA_CANARY_BUDGET_MS", "50", parse_positive_float,
+            "A canary run longer than this (milliseconds per event) counts as a failure: production answers the event (fallback: true)."),
     Setting("SIRA_BREAKER_FAILURES", "5", parse_bounded_int(1, 1_000_000),
             "Canary failures within SIRA_BREAKER_WINDOW_S that open its circuit breaker (its events go to production)."),
     Setting("SIRA_BREAKER_WINDOW_S", "10", parse_positive_float, "Window, in seconds, in which the breaker counts canary failures."),
@@ -328,6 +330,7 @@ class Settings:
     queue_ring_bytes: int
     spool_max_bytes: int
     writer_batch_rows: int
+    canary_budget_ms: float
     breaker_failures: int
     breaker_window_s: float
     breaker_cooldown_s: float

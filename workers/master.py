@@ -194,6 +194,7 @@ def serve(settings: Settings, dsn: str) -> None:
         batch_max=settings.batch_max,
         cache_segment=cache_segment_name(instance_id, settings.cache_max_items),
         model_stats_segment=model_stats_segment,
+        canary_budget_ms=settings.canary_budget_ms,
         database_url=dsn,
         prediction_log=prediction_log_config(settings, dsn, instance_id),
         metrics_port=int(settings.metrics_bind.rpartition(":")[2]) if settings.metrics_bind else None,

@@ -195,7 +195,8 @@ def rollback_rows(dsn: str) -> list[tuple]:
 
 
 ROLLBACK_ENV = {"SIRA_CANARY_MIN_REQUESTS": "50", "SIRA_CANARY_WINDOW_S": "30",
-                "SIRA_BREAKER_FAILURES": "1000000"}  # the breaker stays out of the way of the window rules
+                "SIRA_BREAKER_FAILURES": "1000000",  # the breaker stays out of the way of the window rules
+                "SIRA_CANARY_BUDGET_MS": "10000"}  # and so does the time budget: slow is judged on p95
 
 
 def test_a_faulty_canary_fails_no_request_and_is_rolled_back(server_factory, fresh_db, tmp_path):
@@ -296,3 +297,32 @@ def test_a_slow_canary_is_rolled_back_on_its_latency(server_factory, fresh_db, t
     assert (product, rolled_back, reason) == (PRODUCT, canary_id, "latency_p95")
     assert figures["canary"]["p95_ms"] > 1.3 * figures["production"]["p95_ms"]
     assert figures["canary"]["errors"] == 0
+
+
+def test_a_canary_over_its_time_budget_is_answered_by_production(server_factory, fresh_db, tmp_path):
+    server = server_factory(workers=2, SIRA_CANARY_BUDGET_MS="0.001", SIRA_BREAKER_FAILURES="1000000",
+                            SIRA_CANARY_MIN_REQUESTS="1000000")  # no breaker, no rollback: only the budget
+    path = str(tmp_path / "slow.onnx")
+    build_dense_model(path, hidden=256, seed=4)
+    canary_id = publish(server, path, "over-budget-1")
+    set_canary(server, canary_id, 50)
+    answers = []
+
+    def over_budget_seen() -> bool:
+        events = [event() for _ in range(20)]
+        answers.extend(zip(events, score_batch(server.url, events)))  # the batch path
+        for sent in events:  # and the single one
+            response = httpx.post(server.url + "/v1/infer", json=sent, headers=bearer())
+            assert response.status_code == 200, response.text
+            answers.append((sent, response.json()))
+        return any(a.get("fallback") for _, a in answers)
+
+    wait_for(over_budget_seen, "the canary in force")
+    over_budget_seen()
+    canary_events = [a for sent, a in answers if goes_to_canary(PRODUCT, sent["event_id"], 5000)]
+    assert all(a["model_role"] == "production" for a in canary_events)  # never the canary's answer
+    in_force = canary_events[next(i for i, a in enumerate(canary_events) if a.get("fallback")):]
+    assert len(in_force) >= 10 and all(a.get("fallback") for a in in_force)
+    assert total(scrape(server.url), "sira_inference_fallbacks_total", model_id=canary_id) == len(in_force)
+    assert "over the canary budget" in server.log()
+    assert rollback_rows(fresh_db) == []

@@ -52,6 +52,8 @@ def test_defaults_match_the_documented_table():
     ({"SIRA_KEEPALIVE_S": "x"}, "SIRA_KEEPALIVE_S"),
     ({"SIRA_GUNICORN_CONFIG": "/nope.py"}, "SIRA_GUNICORN_CONFIG"),
     ({"SIRA_DATA_DIR": "  "}, "SIRA_DATA_DIR"),
+    ({"SIRA_CANARY_BUDGET_MS": "0"}, "SIRA_CANARY_BUDGET_MS"),
+    ({"SIRA_CANARY_BUDGET_MS": "fast"}, "SIRA_CANARY_BUDGET_MS"),
     ({"SIRA_BREAKER_FAILURES": "0"}, "SIRA_BREAKER_FAILURES"),
     ({"SIRA_BREAKER_WINDOW_S": "soon"}, "SIRA_BREAKER_WINDOW_S"),
     ({"SIRA_BREAKER_COOLDOWN_S": "-5"}, "SIRA_BREAKER_COOLDOWN_S"),
