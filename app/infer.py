@@ -56,6 +56,12 @@ def production_model(models: ModelTable, product: str) -> ServingModel:
     return model
 
 
+def model_failed(product: str) -> ServiceUnavailable:
+    """The answer when the model that must answer failed: 503, never a made-up score."""
+    return ServiceUnavailable(f"the model of product {product!r} failed on this event", {"product": product},
+                              {"Retry-After": "1"})
+
+
 def run_model(model: ServingModel, row, explain: bool) -> tuple[float, list]:
     """Score one row; ModelFailed when the model raises or the score is not in [0, 1]."""
     try:
@@ -146,15 +152,13 @@ class InferResource:
         except ModelFailed as exc:
             report_model_failure(model, str(exc))
             if model.role != "canary":
-                raise ServiceUnavailable(f"the model of product {request.product!r} failed on this event",
-                                         {"product": request.product}, {"Retry-After": "1"}) from None
+                raise model_failed(request.product) from None
             model = req.context.model = production_model(self.models, request.product)
             try:
                 body = self.answer(model, request, started)
             except ModelFailed as again:
                 report_model_failure(model, str(again))
-                raise ServiceUnavailable(f"the model of product {request.product!r} failed on this event",
-                                         {"product": request.product}, {"Retry-After": "1"}) from None
+                raise model_failed(request.product) from None
             body["fallback"] = True
         if self.tracer is None:
             resp.media = self.logged(body, request, req)

@@ -34,38 +34,43 @@ def breaker_base(block: CounterBlock) -> int:
     return block.cells - breaker_cells()
 
 
-def _key(model_id: str) -> tuple[int, int]:
+def model_id_cells(model_id: str) -> tuple[int, int]:
+    """A model id (a UUID) as the two u64 cells that key it, here and in shm/model_stats.py."""
     value = uuid.UUID(model_id).int
     return value >> 64, value & 0xFFFFFFFFFFFFFFFF
 
 
+def model_id_of(high: int, low: int) -> str:
+    return str(uuid.UUID(int=(high << 64) | low))
+
+
+def used_breakers(block: CounterBlock) -> list[tuple[int, str]]:
+    """(first cell, model id) of every breaker in use."""
+    base = breaker_base(block)
+    cells = [base + index * BREAKER_CELLS for index in range(BREAKERS)]
+    return [(cell, model_id_of(block.get(cell + _KEY_HIGH), block.get(cell + _KEY_LOW)))
+            for cell in cells if block.get(cell + _USED)]
+
+
 def find_breaker(block: CounterBlock, model_id: str) -> int | None:
     """The first cell of the model's breaker, or None."""
-    high, low = _key(model_id)
-    base = breaker_base(block)
-    for index in range(BREAKERS):
-        cell = base + index * BREAKER_CELLS
-        if block.get(cell + _USED) and block.get(cell + _KEY_HIGH) == high and block.get(cell + _KEY_LOW) == low:
-            return cell
-    return None
+    return next((cell for cell, used_by in used_breakers(block) if used_by == model_id), None)
 
 
 def claim_breaker(block: CounterBlock, model_id: str, keep: set[str]) -> int | None:
-    """The model's breaker (writer only), claimed closed if new; entries of models not in ``keep``
-    are reused. None when every entry is taken by a kept model."""
-    found = find_breaker(block, model_id)
-    if found is not None:
-        return found
+    """The model's breaker (writer only), claimed closed if new; an entry that is free, or of a model
+    not in ``keep``, is reused. None when every entry is taken by a kept model."""
+    in_use = dict(used_breakers(block))
+    for cell, used_by in in_use.items():
+        if used_by == model_id:
+            return cell
     base = breaker_base(block)
-    for index in range(BREAKERS):
-        cell = base + index * BREAKER_CELLS
-        if block.get(cell + _USED):
-            current = str(uuid.UUID(int=(block.get(cell + _KEY_HIGH) << 64) | block.get(cell + _KEY_LOW)))
-            if current in keep:
-                continue
+    for cell in (base + index * BREAKER_CELLS for index in range(BREAKERS)):
+        if in_use.get(cell) in keep:
+            continue
         for offset in range(BREAKER_CELLS):
             block.set(cell + offset, 0)
-        high, low = _key(model_id)
+        high, low = model_id_cells(model_id)
         block.set(cell + _KEY_HIGH, high)
         block.set(cell + _KEY_LOW, low)
         block.set(cell + _USED, 1)  # last: the entry is complete, closed
@@ -75,11 +80,4 @@ def claim_breaker(block: CounterBlock, model_id: str, keep: set[str]) -> int | N
 
 def breaker_states(block: CounterBlock) -> dict[str, tuple[int, int]]:
     """model id -> (state, times opened) of every breaker in use (the metrics' reader)."""
-    states = {}
-    base = breaker_base(block)
-    for index in range(BREAKERS):
-        cell = base + index * BREAKER_CELLS
-        if block.get(cell + _USED):
-            model_id = str(uuid.UUID(int=(block.get(cell + _KEY_HIGH) << 64) | block.get(cell + _KEY_LOW)))
-            states[model_id] = (block.get(cell + STATE), block.get(cell + TRIPS))
-    return states
+    return {model_id: (block.get(cell + STATE), block.get(cell + TRIPS)) for cell, model_id in used_breakers(block)}

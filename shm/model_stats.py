@@ -24,10 +24,9 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import uuid
 from typing import Final
 
-from shm.breakers import breaker_cells
+from shm.breakers import breaker_cells, model_id_cells, model_id_of
 from shm.counters import CounterBlock
 
 ROLES: Final = ("production", "canary", "shadow")
@@ -51,11 +50,6 @@ def stats_cells(slots: int) -> int:
 
 def stats_slots(block: CounterBlock) -> int:
     return (block.cells - breaker_cells()) // SLOT_CELLS
-
-
-def _key_cells(model_id: str) -> tuple[int, int]:
-    value = uuid.UUID(model_id).int
-    return value >> 64, value & 0xFFFFFFFFFFFFFFFF
 
 
 class ModelCounters:
@@ -137,8 +131,7 @@ class ModelStatsWriter:
         role = self.block.get(cell + _ROLE)
         if not 0 < role <= len(ROLES):
             return None
-        value = (self.block.get(cell + _KEY_HIGH) << 64) | self.block.get(cell + _KEY_LOW)
-        return str(uuid.UUID(int=value)), ROLES[role - 1]
+        return model_id_of(self.block.get(cell + _KEY_HIGH), self.block.get(cell + _KEY_LOW)), ROLES[role - 1]
 
     def _find_or_claim(self, model_id: str, role: str) -> int | None:
         free = None
@@ -150,7 +143,7 @@ class ModelStatsWriter:
             if key is None and free is None:
                 free = cell
         if free is not None:
-            high, low = _key_cells(model_id)
+            high, low = model_id_cells(model_id)
             self.block.set(free + _KEY_HIGH, high)
             self.block.set(free + _KEY_LOW, low)
             self.block.set(free + _ROLE, ROLES.index(role) + 1)  # last: the entry is complete
@@ -221,6 +214,6 @@ def read_model_figures(block: CounterBlock) -> dict[tuple[str, str], ModelFigure
         role = cells[first + _ROLE]
         if not 0 < role <= len(ROLES):
             continue
-        model_id = str(uuid.UUID(int=(cells[first + _KEY_HIGH] << 64) | cells[first + _KEY_LOW]))
+        model_id = model_id_of(cells[first + _KEY_HIGH], cells[first + _KEY_LOW])
         figures.setdefault((model_id, ROLES[role - 1]), ModelFigures()).add(cells[first:first + ENTRY_CELLS])
     return figures

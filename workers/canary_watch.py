@@ -192,9 +192,8 @@ class CanaryWatch:
     def close_breakers_out_of_force(self, table: dict[str, ProductEntry], now_ms: int) -> None:
         """A canary stopped or rolled back leaves its breaker closed (its opening count stays)."""
         in_force_ids = {entry.canary.model_id for entry in table.values() if in_force(entry)}
-        for model_id, (state, _trips) in breakers.breaker_states(self.block).items():
-            if state != breakers.CLOSED and model_id not in in_force_ids:
-                cell = breakers.find_breaker(self.block, model_id)
+        for cell, model_id in breakers.used_breakers(self.block):
+            if self.block.get(cell + breakers.STATE) != breakers.CLOSED and model_id not in in_force_ids:
                 self.block.set(cell + breakers.CHANGED_MS, now_ms)
                 self.block.set(cell + breakers.STATE, breakers.CLOSED)
                 log.info("circuit breaker of %s is closed: the canary is no longer in force", model_id)

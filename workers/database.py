@@ -27,6 +27,8 @@ from urllib.parse import quote
 import psycopg
 from psycopg import sql
 
+from workers.processes import process_exists
+
 log = logging.getLogger("sira.database")
 
 DATABASE_NAME = "sira"
@@ -288,20 +290,9 @@ def _is_postgres(pid: int) -> bool:
     try:
         stat_line = Path(f"/proc/{pid}/stat").read_text()
     except FileNotFoundError:
-        return not Path("/proc/self").exists() and _process_exists(pid)
+        return not Path("/proc/self").exists() and process_exists(pid)
     name, state = stat_line[stat_line.index("(") + 1:stat_line.rindex(")")], stat_line[stat_line.rindex(")") + 2]
     return name == "postgres" and state not in "ZXx"
-
-
-def _process_exists(pid: int) -> bool:
-    """Whether a process with this pid exists (ours or another user's)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _run_pg(args: list[str], system_user: str | None, timeout: float) -> None:

@@ -31,7 +31,13 @@ import struct
 import zlib
 from collections.abc import Callable
 
-from app.predlog_files import OverflowName, decode_frames, encode_frames, fsync_directory
+from app.predlog_files import (
+    OverflowName,
+    decode_frames,
+    encode_frames,
+    fsync_directory,
+)
+from workers.processes import process_exists
 
 log = logging.getLogger("sira.spool")
 
@@ -215,7 +221,7 @@ class OverflowFiles:
         self.directory = directory
         self.instance_id = instance_id
         self._producer_epoch = producer_epoch
-        self._pid_alive = pid_alive or _pid_alive
+        self._pid_alive = pid_alive or process_exists
 
     def waiting(self) -> int:
         """Overflow files on disk, ready or not."""
@@ -278,13 +284,3 @@ class OverflowFiles:
             return [os.path.join(self.directory, name) for name in os.listdir(self.directory)]
         except FileNotFoundError:
             return []
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -55,14 +55,15 @@ import psycopg
 from app.metrics import count_canary_rollback, count_model_load_error, set_model_generation
 from conf.settings import Settings
 from shm.control import PATH_BYTES, PRODUCT_BYTES, VERSION_BYTES, ControlBlock, ModelSlot, ProductEntry
-from workers import canary_config, registry
 from shm.counters import CounterBlock
+from workers import canary_config, registry
 from workers.arbiter import Sidecar
 from workers.canary_watch import CHECK_S, BreakerRules, CanaryWatch, RollbackRules, RollbackVerdict
 from workers.metrics_windows import METRICS_CUT_FILE, MetricsWindows, next_boundary
 from workers.model_files import ensure_local_copy
 from workers.modelstore import ModelStore, ModelStoreError, open_model_store
 from workers.paths import MODELS_DIR, SUPERVISOR_PIDFILE, data_path
+from workers.processes import process_exists
 from workers.registry_source import RegistrySource
 from workers.retry import Backoff
 
@@ -452,7 +453,7 @@ class ModelSupervisor:
             path = os.path.join(self.in_use_dir, record)
             if not record.isdigit():
                 continue
-            if not pid_alive(int(record)):
+            if not process_exists(int(record)):
                 remove_quietly(path)
                 continue
             try:
@@ -562,16 +563,6 @@ def write_json_atomically(path: str, value) -> None:
 def file_stem(path: str) -> str:
     """What a model file is named by: the sha256 or model id before the first dot."""
     return os.path.basename(path).split(".", 1)[0]
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def remove_quietly(path: str) -> None:

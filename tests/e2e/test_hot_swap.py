@@ -21,8 +21,14 @@ import psycopg
 import pytest
 
 from tests.e2e.test_infer import event
-from tests.fixtures.models import build_dense_model, demo_spec, register_file, write_spec
+from tests.fixtures.models import (
+    build_dense_model,
+    demo_spec,
+    register_file,
+    write_spec,
+)
 from tests.fixtures.server import bearer, process_tree, run_sira
+from tests.fixtures.waiting import wait_for
 from workers.modelstore import S3ModelStore
 from workers.supervisor import STATS_FILE
 
@@ -119,15 +125,6 @@ def supervisor_pid(server) -> int:
         return int(handle.read())
 
 
-def wait_until(predicate, what: str, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"no {what} within {timeout}s")
-
 
 def test_cold_start_from_an_empty_model_dir_fetches_from_s3(s3_server):
     ready = httpx.get(s3_server.url + "/readyz").json()
@@ -164,7 +161,7 @@ def test_publish_and_promote_under_load_swaps_every_worker_without_a_failed_requ
     assert ready["models"]["fraud_score"]["model_id"] == new_id and ready["generation"] >= 2
     # The old model's files go at the first sync after no worker lists them.
     assert run_sira("reload", env=s3_server.env).returncode == 0
-    wait_until(lambda: not any(name.startswith(old_id) for name in os.listdir(models_dir)),
+    wait_for(lambda: not any(name.startswith(old_id) for name in os.listdir(models_dir)),
                "removal of the old model's files")
 
 
@@ -182,7 +179,7 @@ def test_corrupt_production_model_fails_no_request_and_the_old_one_keeps_serving
     with Load(s3_server.url) as load:
         promote(s3_server, bad_id)
         os.kill(s3_server.master_pid, signal.SIGHUP)
-        wait_until(lambda: supervisor_stats(s3_server).get("model_load_errors_total", {})
+        wait_for(lambda: supervisor_stats(s3_server).get("model_load_errors_total", {})
                    .get("sha256_mismatch", 0) >= 2, "two failed attempts (the sync and its retry)")
         count = len(load.snapshot())
         load.wait_for(lambda answers: len(answers) >= count + 50, "more answers")
@@ -201,7 +198,7 @@ def test_killed_supervisor_is_restarted_and_workers_never_stop_serving(s3_server
         new_id = register_file(conn, s3_server.store, path)
     with Load(s3_server.url) as load:
         os.kill(killed, signal.SIGKILL)
-        replacement = wait_until(lambda: os.path.exists(os.path.join(s3_server.data_dir, "supervisor.pid"))
+        replacement = wait_for(lambda: os.path.exists(os.path.join(s3_server.data_dir, "supervisor.pid"))
                                  and supervisor_pid(s3_server) != killed and supervisor_pid(s3_server),
                                  "a new supervisor")
         count = len(load.snapshot())

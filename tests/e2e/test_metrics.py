@@ -139,22 +139,10 @@ def server(tmp_path_factory, pg_url):
         drop_database(pg_url, name)
 
 
-def wait_until_both_workers_are_ready(server: SiraServer) -> None:
-    """The fixture waits for one worker; the fresh-server checks want both to have loaded their model."""
-    ready = set()
-    for _ in range(MAX_ROUNDS):
-        response = httpx.get(server.url + "/readyz", timeout=10)  # a new connection each time
-        if response.status_code == 200:
-            ready.add(response.json()["worker_pid"])
-        if len(ready) >= 2:
-            return
-        time.sleep(0.05)
-    pytest.fail(f"only workers {ready} became ready")
-
 
 def test_a_fresh_server_exports_every_metric_of_the_seed_and_of_deploy(server):
     """deploy/README.md promises it: every name in deploy/metrics.txt is exported by a live server."""
-    wait_until_both_workers_are_ready(server)
+    server.wait_until_workers_are_ready()
     samples = scrape(server.url)
     names = exported_names(samples)
     with open(METRICS_FILE, encoding="utf-8") as handle:

@@ -26,19 +26,9 @@ ERROR_FIELDS = {"error_code", "message", "request_id", "timestamp", "details"}
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, pg_url):
     with module_server(tmp_path_factory, pg_url, "ratelimit", workers=2, SIRA_RATE_LIMITS=LIMITS) as sira:
-        wait_until_both_workers_are_ready(sira)
+        sira.wait_until_workers_are_ready()
         yield sira
 
-
-def wait_until_both_workers_are_ready(server) -> None:
-    ready = set()
-    for _ in range(MAX_ROUNDS):
-        response = httpx.get(server.url + "/readyz", timeout=10)  # a new connection each time
-        if response.status_code == 200:
-            ready.add(response.json()["worker_pid"])
-        if len(ready) >= 2:
-            return
-    pytest.fail(f"only workers {ready} became ready")
 
 
 def event() -> dict:

@@ -27,6 +27,7 @@ from shm.control import ControlBlock
 from shm.segment import segment_name
 from tests.fixtures.models import build_dense_model, demo_spec, register_file
 from tests.fixtures.server import REPO, free_port, is_zombie, process_tree
+from tests.fixtures.waiting import wait_for
 from workers.bootstrap import demo_files
 from workers.modelstore import LocalModelStore, S3ModelStore
 from workers.supervisor import STATS_FILE, ModelSupervisor
@@ -385,15 +386,6 @@ def supervisor_process(shm_control, store, migrated_db, models_dir, tmp_path):
             process.kill()
         process.wait(10)
 
-
-def wait_for(predicate, timeout: float = 60.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise TimeoutError(f"no {what} within {timeout}s")
 
 
 def read_stats(path: str) -> dict:
