@@ -1,7 +1,8 @@
 """OpenTelemetry traces of a real `sira serve`, received over OTLP/HTTP; the trace id in the prediction log.
 
-The collector is a real otelcol-contrib (skips without one, fails under CI/SIRA_REQUIRE_TOOLS) or the
-in-process OTLP/HTTP sink of tests/fixtures/otlp.py, which always runs.
+The collectors (tests/fixtures/otlp.py): Rotel, a real OpenTelemetry Collector from the test extra,
+which always runs; otelcol-contrib where one is installed (skips without one, fails under
+CI/SIRA_REQUIRE_TOOLS when OTELCOL_CONTRIB names an unfit one); and the in-process OTLP/HTTP sink.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 import httpx
 import psycopg
 
-from tests.fixtures.otlp import otel_collector, otlp_sink  # noqa: F401 (fixtures)
+from tests.fixtures.otlp import otel_collector, otlp_sink, rotel_collector  # noqa: F401 (fixtures)
 from tests.fixtures.server import bearer
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
@@ -81,6 +82,12 @@ def test_spans_reach_a_real_opentelemetry_collector(server_factory, fresh_db, ot
     server = server_factory(workers=1, **traced_env(otel_collector.endpoint,
                                                     OTEL_TRACES_SAMPLER="parentbased_always_on"))
     check_traced_request(server, otel_collector, fresh_db)
+
+
+def test_spans_pass_through_the_rotel_collector(server_factory, fresh_db, rotel_collector):
+    server = server_factory(workers=2, **traced_env(rotel_collector.endpoint,
+                                                    OTEL_TRACES_SAMPLER="parentbased_always_on"))
+    check_traced_request(server, rotel_collector, fresh_db)
 
 
 def test_spans_reach_an_otlp_http_receiver(server_factory, fresh_db, otlp_sink):
