@@ -12,6 +12,7 @@ production model that fails gets 503 SERVICE_UNAVAILABLE, never a made-up score.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -32,6 +33,7 @@ log = logging.getLogger("sira.infer")
 DEFAULT_CANARY_BUDGET_S = 0.05  # a canary run longer than this is a failure: production answers
 perf_counter = time.perf_counter
 uuid4 = uuid.uuid4
+NO_SPAN = contextlib.nullcontext()  # what BatchInferResource.span gives when tracing is off
 
 
 class ModelFailed(Exception):
@@ -223,9 +225,14 @@ class InferResource:
 
 
 class BatchInferResource:
-    """Up to SIRA_BATCH_MAX events; valid ones scored with one model run per model, in request order."""
+    """Up to SIRA_BATCH_MAX events; valid ones scored with one model run per model, in request order.
+
+    Traced (``tracer`` set), a batch has one ``parse``, ``cache`` and ``log append`` span and one
+    ``score`` span per model run, and its trace id goes into every row it logs.
+    """
 
     canary_budget_s = DEFAULT_CANARY_BUDGET_S  # SIRA_CANARY_BUDGET_MS, set by app/main.py
+    tracer = None  # tracing on: app/main.py sets it (app/tracing.py)
 
     auth_actions = {"POST": "infer"}
 
@@ -239,34 +246,47 @@ class BatchInferResource:
         self.prediction_log = prediction_log
         self.model_stats = model_stats
 
+    def span(self, name: str):
+        """A phase's span when tracing is on; else one shared no-op (a batch pays it a few times)."""
+        return NO_SPAN if self.tracer is None else self.tracer.start_as_current_span(name)
+
+    def score_span(self, model: ServingModel, events: int):
+        """The span of one model run of the batch (its attributes built only when tracing is on)."""
+        if self.tracer is None:
+            return NO_SPAN
+        return self.tracer.start_as_current_span("score", attributes={
+            "sira.model_id": model.model_id, "sira.model_role": model.role, "sira.events": events})
+
     async def on_post(self, req, resp):
         started = perf_counter()
-        body = await read_json_object(req, self.max_body_bytes)
-        events = body.get("events")
-        if type(events) is not list or not 0 < len(events) <= self.batch_max:
-            raise InvalidRequest(f"events must be a list of 1 to {self.batch_max} infer requests",
-                                 {"field": "events", "limit": self.batch_max})
-        results: list = [None] * len(events)
         request_id = req.context.request_id
-        groups, shadows, skipped = self.group_valid_events(events, results, request_id)
-        keys = self.answer_from_cache(groups, results, started) if self.cache is not None else None
+        with self.span("parse"):
+            events = batch_events(await read_json_object(req, self.max_body_bytes), self.batch_max)
+            results: list = [None] * len(events)
+            groups, shadows, skipped = self.group_valid_events(events, results, request_id)
+        keys = None
+        if self.cache is not None:
+            with self.span("cache"):
+                keys = self.answer_from_cache(groups, results, started)
         for model, items in groups.values():
-            self.score_group(model, items, results, started, request_id)
+            with self.score_span(model, len(items)):
+                self.score_group(model, items, results, started, request_id)
         if skipped:
             mark_skipped_canaries(skipped, results)
         if keys:
             self.store_in_cache(keys, results)
-        self.log_predictions(events, results, request_id)
+        with self.span("log append"):
+            self.log_predictions(events, results, request_id, getattr(req.context, "trace_id", None))
         resp.media = {"results": results}
         if shadows:
             resp.schedule(partial(self.score_shadows, shadows, request_id))
 
-    def log_predictions(self, events: list, results: list, request_id: str) -> None:
+    def log_predictions(self, events: list, results: list, request_id: str, trace_id: str | None = None) -> None:
         """Every scored event goes to the prediction log before the answer leaves (app/predlog.py)."""
         append = self.prediction_log.append
         for event, result in zip(events, results):
             if "prediction_id" in result:  # not an error entry: the event was checked and scored
-                append(result, event["event_id"], event["product"], request_id)
+                append(result, event["event_id"], event["product"], request_id, trace_id)
 
     def answer_from_cache(self, groups: dict, results: list, started: float) -> dict[int, tuple]:
         """Answer the cached events now and drop them from their group; (key, explained) of the rest."""
@@ -408,6 +428,15 @@ class BatchInferResource:
                 answer = prediction(model, float(scores[position]), [], started)
                 counters.answered(run_s, answer["decision"])
                 self.prediction_log.append(answer, request.event_id, request.product, request_id)
+
+
+def batch_events(body: dict, batch_max: int) -> list:
+    """The body's ``events``: a list of 1 to ``batch_max`` items (each checked later on its own)."""
+    events = body.get("events")
+    if type(events) is not list or not 0 < len(events) <= batch_max:
+        raise InvalidRequest(f"events must be a list of 1 to {batch_max} infer requests",
+                             {"field": "events", "limit": batch_max})
+    return events
 
 
 def mark_skipped_canaries(skipped: dict[int, ServingModel], results: list) -> None:

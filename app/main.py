@@ -94,10 +94,10 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
     app.add_middleware(prediction_log)
     model_stats = open_model_stats(config.model_stats_segment, worker_slot, models)  # read by the canary watch
     infer = InferResource(models, config.max_body_bytes, cache, prediction_log, model_stats)
-    if tracing is not None:
-        infer.tracer = tracing.tracer  # spans of the request's phases
-        infer.cache = traced_cache(cache, tracing.tracer)
     batch = BatchInferResource(models, config.max_body_bytes, config.batch_max, cache, prediction_log, model_stats)
+    if tracing is not None:
+        infer.tracer = batch.tracer = tracing.tracer  # spans of the request's phases
+        infer.cache = traced_cache(cache, tracing.tracer)  # a span per lookup; a batch has one span for all
     infer.canary_budget_s = batch.canary_budget_s = config.canary_budget_ms / 1000.0
     app.add_route("/v1/infer", infer)
     app.add_route("/v1/infer/batch", batch)

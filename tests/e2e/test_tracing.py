@@ -95,6 +95,29 @@ def test_spans_reach_an_otlp_http_receiver(server_factory, fresh_db, otlp_sink):
     check_traced_request(server, otlp_sink, fresh_db)
 
 
+def test_a_batch_has_a_span_per_phase_and_its_trace_id_in_every_row(server_factory, fresh_db, otlp_sink):
+    server = server_factory(workers=1, **traced_env(otlp_sink.endpoint, OTEL_TRACES_SAMPLER="parentbased_always_on"))
+    events = [event("evt-batch-trace-1", 11.0), {"event_id": "evt-batch-bad", "product": "fraud_score"},
+              event("evt-batch-trace-2", 12.0)]
+    headers = {**bearer(), "traceparent": f"00-{TRACE_ID}-{PARENT_ID}-01"}
+    response = httpx.post(server.url + "/v1/infer/batch", json={"events": events}, headers=headers, timeout=10)
+    assert response.status_code == 200, response.text
+    results = response.json()["results"]
+    assert results[1]["error_code"] == "INVALID_REQUEST" and all("prediction_id" in results[index] for index in (0, 2))
+
+    spans = wait_for_trace(otlp_sink, TRACE_ID, 6)
+    [root] = [span for span in spans if span["parent_span_id"] == PARENT_ID]
+    assert root["name"] == "POST /v1/infer/batch" and root["kind"] == 2
+    assert root["attributes"]["http.response.status_code"] == 200
+    children = sorted((span for span in spans if span is not root), key=lambda span: span["name"])
+    assert [span["name"] for span in children] == PHASES
+    assert all(span["parent_span_id"] == root["span_id"] for span in children)
+    [score] = [span for span in children if span["name"] == "score"]
+    assert score["attributes"]["sira.events"] == 2 and score["attributes"]["sira.model_role"] == "production"
+    for index in (0, 2):
+        assert logged_trace_id(fresh_db, results[index]["prediction_id"]) == TRACE_ID
+
+
 def test_ratio_zero_sends_no_span_but_a_sampled_parent_is_followed(server_factory, fresh_db, otlp_sink):
     server = server_factory(workers=1, **traced_env(otlp_sink.endpoint, OTEL_TRACES_SAMPLER="parentbased_traceidratio",
                                                     OTEL_TRACES_SAMPLER_ARG="0"))
