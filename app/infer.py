@@ -5,9 +5,16 @@ canary's share, else production; a shadow model also scores every event of its p
 answer has left, and its predictions are logged with ``model_role: shadow``.
 
 A canary that raises, scores something that is not a probability or runs longer than its budget
-(``SIRA_CANARY_BUDGET_MS``, per event) answers nothing: production answers that event, the answer says ``"fallback": true``, and the canary's failure is counted in
-the model stats block (shm/model_stats.py), which the supervisor's rollback watch reads. A
-production model that fails gets 503 SERVICE_UNAVAILABLE, never a made-up score.
+(``SIRA_CANARY_BUDGET_MS``, per event) answers nothing: production answers that event, the answer
+says ``"fallback": true``, and the canary's failure is counted in the model stats block
+(shm/model_stats.py), which the supervisor's rollback watch reads. A production model that fails
+gets 503 SERVICE_UNAVAILABLE, never a made-up score.
+
+Deadlines (app/run_deadlines.py): a run is stopped where it stands when the request's
+``options.timeout_ms`` runs out (504 INFERENCE_TIMEOUT, the worker free at once), and a canary's or
+shadow's run when its budget does (a failure, as above). A batch's run is stopped at its events'
+latest deadline only when every event of the run has one; an event whose deadline passed gets its
+504 entry either way.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from app.metrics import count_fallbacks, count_model_failure
 from app.model_stats import NULL_MODEL_STATS
 from app.models import ModelTable, ServingModel
 from app.predlog import NULL_PREDICTION_LOG
+from app.run_deadlines import WATCHDOG
 from app.requests import InferRequest, parse_infer_request, read_json_object
 
 log = logging.getLogger("sira.infer")
@@ -38,6 +46,10 @@ NO_SPAN = contextlib.nullcontext()  # what BatchInferResource.span gives when tr
 
 class ModelFailed(Exception):
     """The model raised or scored something that is not a probability."""
+
+
+class RunStopped(Exception):
+    """The run was terminated at its deadline (app/run_deadlines.py): a time-out, not a fault of the model."""
 
 
 def routed_model(models: ModelTable, product: str, event_id: str,
@@ -64,23 +76,41 @@ def model_failed(product: str) -> ServiceUnavailable:
                               {"Retry-After": "1"})
 
 
-def run_model(model: ServingModel, row, explain: bool) -> tuple[float, list]:
-    """Score one row; ModelFailed when the model raises or the score is not in [0, 1]."""
+def run_model(model: ServingModel, row, explain: bool, stop_at: float | None = None) -> tuple[float, list]:
+    """Score one row; ModelFailed when the model raises or the score is not in [0, 1]; RunStopped when
+    a ``stop_at`` (perf_counter seconds) was given and the run was terminated there."""
+    options = None if stop_at is None else WATCHDOG.arm(stop_at)
+    runner = model.runner
     try:
-        score, explanation = model.runner.explain_row(row) if explain else (model.runner.score_row(row), [])
+        score, explanation = (runner.explain_row(row, run_options=options) if explain
+                              else (runner.score_row(row, options), []))
     except Exception as exc:  # onnxruntime raises its own types; any of them means this model failed
+        if WATCHDOG.stopped(options):
+            raise RunStopped() from None
         raise ModelFailed(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        if options is not None:
+            WATCHDOG.disarm()
     if not 0.0 <= score <= 1.0:  # NaN fails both comparisons
         raise ModelFailed(f"score {score!r} is not a probability")
     return score, explanation
 
 
-def run_model_rows(model: ServingModel, rows, explain: bool) -> tuple[np.ndarray, list | None]:
-    """Score a batch of rows; ModelFailed as ``run_model``."""
+def run_model_rows(model: ServingModel, rows, explain: bool,
+                   stop_at: float | None = None) -> tuple[np.ndarray, list | None]:
+    """Score a batch of rows; ModelFailed and RunStopped as ``run_model``."""
+    options = None if stop_at is None else WATCHDOG.arm(stop_at)
+    runner = model.runner
     try:
-        scores, explanations = model.runner.explain_rows(rows) if explain else (model.runner.score_rows(rows), None)
+        scores, explanations = (runner.explain_rows(rows, run_options=options) if explain
+                                else (runner.score_rows(rows, options), None))
     except Exception as exc:  # see run_model
+        if WATCHDOG.stopped(options):
+            raise RunStopped() from None
         raise ModelFailed(f"{type(exc).__name__}: {exc}") from None
+    finally:
+        if options is not None:
+            WATCHDOG.disarm()
     if not (np.all(scores >= 0.0) and np.all(scores <= 1.0)):
         raise ModelFailed("a score is not a probability")
     return scores, explanations
@@ -110,11 +140,34 @@ def prediction(model: ServingModel, score: float, explanation: list, started: fl
     }
 
 
+def timed_out(request: InferRequest) -> InferenceTimeout:
+    return InferenceTimeout(f"the request took longer than its timeout_ms of {request.timeout_ms}",
+                            {"timeout_ms": request.timeout_ms})
+
+
 def check_deadline(request: InferRequest, started: float) -> None:
     """A request whose timeout_ms has passed gets 504 rather than a late answer."""
     if request.timeout_ms is not None and (perf_counter() - started) * 1000.0 > request.timeout_ms:
-        raise InferenceTimeout(f"the request took longer than its timeout_ms of {request.timeout_ms}",
-                               {"timeout_ms": request.timeout_ms})
+        raise timed_out(request)
+
+
+def request_deadline(request: InferRequest, started: float) -> float | None:
+    """When the request's timeout_ms runs out (perf_counter seconds), or None without one."""
+    return None if request.timeout_ms is None else started + request.timeout_ms / 1000.0
+
+
+def over_budget(run_s: float, budget_s: float, per_event: str = "") -> str:
+    return (f"took {run_s * 1000:.1f} ms{per_event}, over the canary budget of {budget_s * 1000:.0f} ms "
+            f"(SIRA_CANARY_BUDGET_MS)")
+
+
+def run_stop_time(model: ServingModel, deadline: float | None, run_started: float,
+                  canary_budget_s: float) -> float | None:
+    """When to stop the run: the request's deadline, or a canary's or shadow's budget if that comes first."""
+    if model.role == "production":
+        return deadline
+    budget_end = run_started + canary_budget_s
+    return budget_end if deadline is None or budget_end < deadline else deadline
 
 
 class InferResource:
@@ -184,20 +237,26 @@ class InferResource:
                 counters.answered(None, answer["decision"])
                 return answer
         run_started = perf_counter()
+        stop_at = None if request.timeout_ms is None and model.role == "production" else \
+            run_stop_time(model, request_deadline(request, started), run_started, self.canary_budget_s)
         try:
             if self.tracer is None:
-                score, explanation = run_model(model, row, request.include_explanation)
+                score, explanation = run_model(model, row, request.include_explanation, stop_at)
             else:
                 with self.tracer.start_as_current_span("score"):
-                    score, explanation = run_model(model, row, request.include_explanation)
+                    score, explanation = run_model(model, row, request.include_explanation, stop_at)
         except ModelFailed:
             counters.failed()
             raise
+        except RunStopped:
+            if request.timeout_ms is not None and perf_counter() >= request_deadline(request, started):
+                raise timed_out(request) from None
+            counters.failed()  # stopped at the canary's budget, before the request's deadline
+            raise ModelFailed(over_budget(perf_counter() - run_started, self.canary_budget_s)) from None
         run_s = perf_counter() - run_started  # the model's own time: comparable across roles
         if run_s > self.canary_budget_s and model.role == "canary":
             counters.failed()
-            raise ModelFailed(f"took {run_s * 1000:.1f} ms, over the canary budget of "
-                              f"{self.canary_budget_s * 1000:.0f} ms (SIRA_CANARY_BUDGET_MS)")
+            raise ModelFailed(over_budget(run_s, self.canary_budget_s))
         check_deadline(request, started)
         if cache is not None:
             cache.put(key, score, explanation, request.include_explanation)
@@ -213,7 +272,11 @@ class InferResource:
         try:
             model.spec.build_row(request.payload, row)
             run_started = perf_counter()
-            score, explanation = run_model(model, row, False)
+            score, explanation = run_model(model, row, False, run_started + self.canary_budget_s)
+        except RunStopped:
+            counters.failed()
+            report_model_failure(model, over_budget(perf_counter() - run_started, self.canary_budget_s))
+            return
         except (ModelFailed, ApiError) as exc:
             counters.failed()
             report_model_failure(model, str(exc))
@@ -351,9 +414,20 @@ class BatchInferResource:
         """One model run for the group; a failed canary's events go to production, marked fallback."""
         explain = any(request.include_explanation for _, request, _ in items)
         counters = self.model_stats.counters(model.model_id, model.role)
+        deadline = group_deadline(items, started)
         run_started = perf_counter()
+        stop_at = run_stop_time(model, deadline, run_started, self.canary_budget_s * len(items))
         try:
-            scores, explanations = run_model_rows(model, np.stack([row for _, _, row in items]), explain)
+            scores, explanations = run_model_rows(model, np.stack([row for _, _, row in items]), explain, stop_at)
+        except RunStopped:
+            if deadline is not None and perf_counter() >= deadline:
+                answer_timed_out(items, results, request_id)
+                return
+            for _ in items:  # stopped at the canary's budget, before the events' deadlines
+                counters.failed()
+            report_model_failure(model, over_budget(perf_counter() - run_started, self.canary_budget_s), len(items))
+            self.fall_back_to_production(model.product, items, results, started, request_id)
+            return
         except ModelFailed as exc:
             for _ in items:
                 counters.failed()
@@ -367,11 +441,14 @@ class BatchInferResource:
         if run_s > self.canary_budget_s and model.role == "canary":
             for _ in items:
                 counters.failed()
-            report_model_failure(model, f"took {run_s * 1000:.1f} ms per event, over the canary budget of "
-                                        f"{self.canary_budget_s * 1000:.0f} ms (SIRA_CANARY_BUDGET_MS)", len(items))
+            report_model_failure(model, over_budget(run_s, self.canary_budget_s, " per event"), len(items))
             self.fall_back_to_production(model.product, items, results, started, request_id)
             return
+        now = perf_counter()
         for position, (index, request, _) in enumerate(items):
+            if request.timeout_ms is not None and now > request_deadline(request, started):
+                results[index] = event_error(timed_out(request), index, f"events[{index}].", request_id)
+                continue  # a late answer is not given (as for one event)
             explanation = explanations[position] if explanations and request.include_explanation else []
             results[index] = answer = prediction(model, float(scores[position]), explanation, started)
             counters.answered(run_s, answer["decision"])
@@ -417,17 +494,33 @@ class BatchInferResource:
                 for position, request in enumerate(requests):
                     model.spec.build_row(request.payload, rows[position])
                 run_started = perf_counter()
-                scores, _ = run_model_rows(model, rows, False)
-            except (ModelFailed, ApiError) as exc:
+                budget_s = self.canary_budget_s * len(requests)
+                scores, _ = run_model_rows(model, rows, False, run_started + budget_s)
+            except (ModelFailed, ApiError, RunStopped) as exc:
                 for _ in requests:
                     counters.failed()
-                report_model_failure(model, str(exc), len(requests))
+                reason = (over_budget((perf_counter() - run_started) / len(requests), self.canary_budget_s, " per event")
+                          if isinstance(exc, RunStopped) else str(exc))
+                report_model_failure(model, reason, len(requests))
                 continue
             run_s = (perf_counter() - run_started) / len(requests)
             for position, request in enumerate(requests):
                 answer = prediction(model, float(scores[position]), [], started)
                 counters.answered(run_s, answer["decision"])
                 self.prediction_log.append(answer, request.event_id, request.product, request_id)
+
+
+def group_deadline(items: list, started: float) -> float | None:
+    """The latest deadline of a model run's events when every one has a timeout_ms; else None (an
+    event without one is not cut short by the others')."""
+    if any(request.timeout_ms is None for _, request, _ in items):
+        return None
+    return started + max(request.timeout_ms for _, request, _ in items) / 1000.0
+
+
+def answer_timed_out(items: list, results: list, request_id: str) -> None:
+    for index, request, _ in items:
+        results[index] = event_error(timed_out(request), index, f"events[{index}].", request_id)
 
 
 def batch_events(body: dict, batch_max: int) -> list:

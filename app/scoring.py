@@ -93,17 +93,20 @@ class ModelRunner:
                             self._probabilities.ctypes.data)
         return binding
 
-    def score_row(self, row: np.ndarray) -> float:
-        """The positive-class probability of one row (build it into `input_row` to skip a copy)."""
+    def score_row(self, row: np.ndarray, run_options: ort.RunOptions | None = None) -> float:
+        """The positive-class probability of one row (build it into `input_row` to skip a copy).
+
+        ``run_options``: a deadline's (app/run_deadlines.py), for every method that runs the model.
+        """
         if row is not self.input_row:
             self.input_row[:] = row
-        self._session.run_with_iobinding(self._bindings[1])
+        self._session.run_with_iobinding(self._bindings[1], run_options)
         return float(self._probabilities[0, self._positive])
 
-    def score_rows(self, rows: np.ndarray) -> np.ndarray:
+    def score_rows(self, rows: np.ndarray, run_options: ort.RunOptions | None = None) -> np.ndarray:
         """Positive-class probabilities of a [n, F] batch, in one run."""
         probabilities = self._session.run([self.spec.output_name],
-                                          {self.spec.input_name: self._as_batch(rows)})[0]
+                                          {self.spec.input_name: self._as_batch(rows)}, run_options)[0]
         return np.ascontiguousarray(probabilities[:, self._positive])
 
     def _as_batch(self, rows: np.ndarray) -> np.ndarray:
@@ -112,7 +115,8 @@ class ModelRunner:
             raise ValueError(f"expected rows of shape [n, {len(self._names)}], got {rows.shape}")
         return rows
 
-    def explain_row(self, row: np.ndarray, top_k: int = 5) -> tuple[float, list[dict]]:
+    def explain_row(self, row: np.ndarray, top_k: int = 5,
+                    run_options: ort.RunOptions | None = None) -> tuple[float, list[dict]]:
         """The score and the top_k signed occlusion attributions, from one batched run.
 
         Attribution of feature i = logit(score(event)) - logit(score(event with feature i at its
@@ -131,14 +135,14 @@ class ModelRunner:
         batch[1:rows] = batch[0]
         for r, i in enumerate(changed, start=1):
             cells[r * n_features + i] = baseline[i]
-        self._session.run_with_iobinding(self._bindings[rows])
+        self._session.run_with_iobinding(self._bindings[rows], run_options)
         scores = self._probabilities[:rows, self._positive].tolist()
         log_odds = [logit(value) for value in scores]
         attributions = [(log_odds[0] - log_odds[r], i) for r, i in enumerate(changed, start=1)]
         return scores[0], self._top_attributions(attributions, top_k)
 
-    def explain_rows(self, rows: np.ndarray,
-                     top_k: int = 5) -> tuple[np.ndarray, list[list[dict]]]:
+    def explain_rows(self, rows: np.ndarray, top_k: int = 5,
+                     run_options: ort.RunOptions | None = None) -> tuple[np.ndarray, list[list[dict]]]:
         """explain_row for a [n, F] batch: scores and explanations from one run of all rows."""
         rows = self._as_batch(rows)
         changed = rows != self._baseline
@@ -150,7 +154,7 @@ class ModelRunner:
         owner, feature = np.nonzero(changed)
         occluded = starts[owner] + 1 + np.arange(len(owner)) - before[owner]
         grid[occluded, feature] = self._baseline[feature]
-        scores = self.score_rows(grid).astype(np.float64)
+        scores = self.score_rows(grid, run_options).astype(np.float64)
         event_scores = scores[starts]
         clipped = np.clip(scores, LOGIT_EPSILON, 1.0 - LOGIT_EPSILON)
         log_odds = np.log(clipped / (1.0 - clipped))

@@ -269,7 +269,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SIRA_WRITER_BATCH_ROWS", "5000", parse_bounded_int(1, 100_000),
             "Most prediction rows the writer sends to Postgres in one COPY and commit."),
     Setting("SIRA_CANARY_BUDGET_MS", "50", parse_positive_float,
-            "A canary run longer than this (milliseconds per event) counts as a failure: production answers the event (fallback: true)."),
+            "A canary or shadow run is stopped at this (milliseconds per event) and counts as a failure: production answers the event (fallback: true)."),
     Setting("SIRA_BREAKER_FAILURES", "5", parse_bounded_int(1, 1_000_000),
             "Canary failures within SIRA_BREAKER_WINDOW_S that open its circuit breaker (its events go to production)."),
     Setting("SIRA_BREAKER_WINDOW_S", "10", parse_positive_float, "Window, in seconds, in which the breaker counts canary failures."),
