@@ -94,6 +94,7 @@ class PredictionLogConfig:
     database_url: str | None
     spool_max_bytes: int
     batch_rows: int
+    linger_s: float = 0.0  # a batch that is not full waits this long after the last one started
 
     @property
     def overflow_dir(self) -> str:

@@ -268,6 +268,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Most bytes the prediction writer spools under $SIRA_DATA_DIR/spool while Postgres is away (logged as it fills); at the limit new predictions wait in the rings."),
     Setting("SIRA_WRITER_BATCH_ROWS", "5000", parse_bounded_int(1, 100_000),
             "Most prediction rows the writer sends to Postgres in one COPY and commit."),
+    Setting("SIRA_WRITER_LINGER_MS", "100", parse_bounded_int(0, 1000),
+            "The writer sends a batch that is not full at most this often (milliseconds): fewer, larger commits for the same rows."),
     Setting("SIRA_CANARY_BUDGET_MS", "50", parse_positive_float,
             "A canary or shadow run is stopped at this (milliseconds per event) and counts as a failure: production answers the event (fallback: true)."),
     Setting("SIRA_BREAKER_FAILURES", "5", parse_bounded_int(1, 1_000_000),
@@ -330,6 +332,7 @@ class Settings:
     queue_ring_bytes: int
     spool_max_bytes: int
     writer_batch_rows: int
+    writer_linger_ms: int
     canary_budget_ms: float
     breaker_failures: int
     breaker_window_s: float

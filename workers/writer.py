@@ -86,20 +86,35 @@ class PredictionWriter:
         self.stats.set(Stat.WRITER_PID, os.getpid())
         log.info("prediction writer started (pid %d, %d rings)", os.getpid(), len(self.readers))
         while not self.stopping.is_set():
-            busy = await self.step()
-            if not busy:
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.stopping.wait(), POLL_S)
+            started = time.monotonic()
+            moved, replayed = await self.step()
+            if replayed or moved >= self.config.batch_rows:
+                continue  # a backlog: no pause
+            pause = self.pause_after(moved, time.monotonic() - started)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), pause)
         await self.drain(time.monotonic() + STOP_DEADLINE_S)
         return 0
 
-    async def step(self) -> bool:
-        """One ring batch, then one backlog item; True when there was work."""
+    def pause_after(self, moved: int, took_s: float) -> float:
+        """How long to wait before the next look at the rings.
+
+        A commit costs Postgres about the same whatever its size, so rows that arrive at a steady
+        rate are sent at most every ``linger_s`` (SIRA_WRITER_LINGER_MS) rather than as soon as
+        the last commit returns: measured (README, prediction log), the writer and Postgres spent
+        34 us of CPU per row at 100 ms instead of 108 us. Idle rings are looked at every POLL_S.
+        """
+        if not moved:
+            return POLL_S
+        return max(self.config.linger_s - took_s, 0.0)
+
+    async def step(self) -> tuple[int, bool]:
+        """One ring batch, then one backlog item: (records moved from the rings, whether one was replayed)."""
         await self._maybe_reconnect()
         moved = await self.move_ring_batch()
         replayed = await self.replay_one() if self.database_up else False
         self._housekeeping()
-        return bool(moved or replayed)
+        return moved, bool(replayed)
 
     async def drain(self, deadline: float) -> None:
         """Empty every ring (to Postgres or the spool), then replay the disk while time allows."""
@@ -316,6 +331,7 @@ def prediction_log_config(settings: Settings, dsn: str, instance_id: str) -> Pre
         database_url=dsn,
         spool_max_bytes=settings.spool_max_bytes,
         batch_rows=settings.writer_batch_rows,
+        linger_s=settings.writer_linger_ms / 1000.0,
     )
 
 

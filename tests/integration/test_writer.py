@@ -220,6 +220,42 @@ def test_every_appended_record_reaches_postgres_exactly_once(setup):
                    [{"feature": "amount", "importance": 0.4}], False, "req-1", True)
 
 
+def test_a_steady_trickle_is_sent_in_few_commits_with_a_linger(tmp_path, migrated_db):
+    config = make_config(tmp_path, migrated_db, linger_s=0.5)
+    shared = Shared(config)
+    writer = WriterProcess(config, str(tmp_path / "writer.log"))
+    try:
+        writer.start(shared.stats)
+        sent = []
+        for _ in range(150):  # one prediction every 10 ms for about 1.5 s
+            sent += shared.append(0, 1)
+            time.sleep(0.01)
+        wait_until(lambda: row_count(config.database_url) == len(sent), "every row")
+        batches = shared.stats.get(Stat.BATCHES_WRITTEN)
+        assert writer.stop() == 0
+    finally:
+        writer.cleanup()
+        shared.close()
+    # Sent as soon as each commit returned, 150 rows over 1.5 s make dozens of commits; with a
+    # 0.5 s linger there is one every 0.5 s at most, plus the first (found at an idle poll).
+    assert 1 <= batches <= 8, batches
+
+
+def test_full_batches_do_not_wait_for_the_linger(tmp_path, migrated_db):
+    config = make_config(tmp_path, migrated_db, linger_s=30.0, batch_rows=100)
+    shared = Shared(config)
+    writer = WriterProcess(config, str(tmp_path / "writer.log"))
+    try:
+        sent = shared.append(0, 1000)
+        writer.start(shared.stats)
+        # Ten full batches back to back: a writer that lingered after each would need 300 s.
+        wait_until(lambda: row_count(config.database_url) == len(sent), "every row", timeout=25)
+        assert writer.stop() == 0
+    finally:
+        writer.cleanup()
+        shared.close()
+
+
 def test_writer_killed_mid_stream_twice_loses_and_doubles_nothing(setup):
     config, shared, writer = setup
     sent: list[list[str]] = [[], []]
