@@ -34,8 +34,8 @@ from app.metrics import count_fallbacks, count_model_failure
 from app.model_stats import NULL_MODEL_STATS
 from app.models import ModelTable, ServingModel
 from app.predlog import NULL_PREDICTION_LOG
-from app.run_deadlines import WATCHDOG
 from app.requests import InferRequest, parse_infer_request, read_json_object
+from app.run_deadlines import WATCHDOG
 
 log = logging.getLogger("sira.infer")
 DEFAULT_CANARY_BUDGET_S = 0.05  # a canary run longer than this is a failure: production answers
@@ -425,7 +425,8 @@ class BatchInferResource:
                 return
             for _ in items:  # stopped at the canary's budget, before the events' deadlines
                 counters.failed()
-            report_model_failure(model, over_budget(perf_counter() - run_started, self.canary_budget_s), len(items))
+            report_model_failure(model, over_budget((perf_counter() - run_started) / len(items), self.canary_budget_s,
+                                                    " per event"), len(items))
             self.fall_back_to_production(model.product, items, results, started, request_id)
             return
         except ModelFailed as exc:
