@@ -500,8 +500,10 @@ class BatchInferResource:
             except (ModelFailed, ApiError, RunStopped) as exc:
                 for _ in requests:
                     counters.failed()
-                reason = (over_budget((perf_counter() - run_started) / len(requests), self.canary_budget_s, " per event")
-                          if isinstance(exc, RunStopped) else str(exc))
+                reason = str(exc)
+                if isinstance(exc, RunStopped):  # run_started is set: the run was under way
+                    reason = over_budget((perf_counter() - run_started) / len(requests), self.canary_budget_s,
+                                         " per event")
                 report_model_failure(model, reason, len(requests))
                 continue
             run_s = (perf_counter() - run_started) / len(requests)

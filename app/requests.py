@@ -87,6 +87,6 @@ def parse_options(options: object, path: str) -> tuple[bool, bool, int | None]:
     if timeout_ms is not None:
         if type(timeout_ms) not in (int, float) or not math.isfinite(timeout_ms) \
                 or not 0 < timeout_ms <= TIMEOUT_MS_MAX:
-            raise InvalidRequest(f"timeout_ms must be a number from 1 to {TIMEOUT_MS_MAX}",
+            raise InvalidRequest(f"timeout_ms must be a number of milliseconds over 0 and at most {TIMEOUT_MS_MAX}",
                                  {"field": f"{path}.timeout_ms"})
     return include_explanation, enable_cache, timeout_ms
