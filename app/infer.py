@@ -145,15 +145,19 @@ def timed_out(request: InferRequest) -> InferenceTimeout:
                             {"timeout_ms": request.timeout_ms})
 
 
-def check_deadline(request: InferRequest, started: float) -> None:
-    """A request whose timeout_ms has passed gets 504 rather than a late answer."""
-    if request.timeout_ms is not None and (perf_counter() - started) * 1000.0 > request.timeout_ms:
-        raise timed_out(request)
-
-
 def request_deadline(request: InferRequest, started: float) -> float | None:
     """When the request's timeout_ms runs out (perf_counter seconds), or None without one."""
     return None if request.timeout_ms is None else started + request.timeout_ms / 1000.0
+
+
+def past_deadline(request: InferRequest, started: float) -> bool:
+    return request.timeout_ms is not None and perf_counter() > request_deadline(request, started)
+
+
+def check_deadline(request: InferRequest, started: float) -> None:
+    """A request whose timeout_ms has passed gets 504 rather than a late answer."""
+    if past_deadline(request, started):
+        raise timed_out(request)
 
 
 def over_budget(run_s: float, budget_s: float, per_event: str = "") -> str:
@@ -249,7 +253,7 @@ class InferResource:
             counters.failed()
             raise
         except RunStopped:
-            if request.timeout_ms is not None and perf_counter() >= request_deadline(request, started):
+            if past_deadline(request, started):
                 raise timed_out(request) from None
             counters.failed()  # stopped at the canary's budget, before the request's deadline
             raise ModelFailed(over_budget(perf_counter() - run_started, self.canary_budget_s)) from None
@@ -445,9 +449,8 @@ class BatchInferResource:
             report_model_failure(model, over_budget(run_s, self.canary_budget_s, " per event"), len(items))
             self.fall_back_to_production(model.product, items, results, started, request_id)
             return
-        now = perf_counter()
         for position, (index, request, _) in enumerate(items):
-            if request.timeout_ms is not None and now > request_deadline(request, started):
+            if past_deadline(request, started):
                 results[index] = event_error(timed_out(request), index, f"events[{index}].", request_id)
                 continue  # a late answer is not given (as for one event)
             explanation = explanations[position] if explanations and request.include_explanation else []

