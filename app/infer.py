@@ -8,7 +8,9 @@ A canary that raises, scores something that is not a probability or runs longer 
 (``SIRA_CANARY_BUDGET_MS``, per event) answers nothing: production answers that event, the answer
 says ``"fallback": true``, and the canary's failure is counted in the model stats block
 (shm/model_stats.py), which the supervisor's rollback watch reads. A production model that fails
-gets 503 SERVICE_UNAVAILABLE, never a made-up score.
+gets 503 SERVICE_UNAVAILABLE, never a made-up score. So does an answer the prediction log cannot
+keep (app/predlog.py): the whole request for one event, that event's entry in a batch (the batch
+is still 200, its other events answered).
 
 Deadlines (app/run_deadlines.py): a run is stopped where it stands when the request's
 ``options.timeout_ms`` runs out (504 INFERENCE_TIMEOUT, the worker free at once), and a canary's or
@@ -22,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-import uuid
 from functools import partial
 
 import numpy as np
@@ -30,6 +31,7 @@ import numpy as np
 from app.cache import PredictionCache
 from app.errors import ApiError, InferenceTimeout, InvalidRequest, ModelNotFound, ServiceUnavailable, error_body
 from app.features import decide
+from app.ids import new_prediction_id
 from app.metrics import count_fallbacks, count_model_failure
 from app.model_stats import NULL_MODEL_STATS
 from app.models import ModelTable, ServingModel
@@ -40,7 +42,6 @@ from app.run_deadlines import WATCHDOG
 log = logging.getLogger("sira.infer")
 DEFAULT_CANARY_BUDGET_S = 0.05  # a canary run longer than this is a failure: production answers
 perf_counter = time.perf_counter
-uuid4 = uuid.uuid4
 NO_SPAN = contextlib.nullcontext()  # what BatchInferResource.span gives when tracing is off
 
 
@@ -129,7 +130,7 @@ def prediction(model: ServingModel, score: float, explanation: list, started: fl
                cached: bool = False) -> dict:
     """The response body of one scored event (the seed's fields)."""
     return {
-        "prediction_id": str(uuid4()),
+        "prediction_id": new_prediction_id(),
         "model_id": model.model_id,
         "model_role": model.role,
         "score": score,
@@ -288,7 +289,8 @@ class InferResource:
         run_s = perf_counter() - run_started
         answer = prediction(model, score, explanation, started)
         counters.answered(run_s, answer["decision"])
-        self.prediction_log.append(answer, request.event_id, request.product, request_id)
+        with contextlib.suppress(ServiceUnavailable):  # a shadow answers no client: dropped, counted as refused
+            self.prediction_log.append(answer, request.event_id, request.product, request_id)
 
 
 class BatchInferResource:
@@ -340,20 +342,37 @@ class BatchInferResource:
                 self.score_group(model, items, results, started, request_id)
         if skipped:
             mark_skipped_canaries(skipped, results)
+        with self.span("log append"):
+            refused = self.log_predictions(events, results, request_id, getattr(req.context, "trace_id", None))
         if keys:
             self.store_in_cache(keys, results)
-        with self.span("log append"):
-            self.log_predictions(events, results, request_id, getattr(req.context, "trace_id", None))
         resp.media = {"results": results}
         if shadows:
+            if refused:
+                shadows = shadows_of_kept_events(shadows, events, refused)
             resp.schedule(partial(self.score_shadows, shadows, request_id))
 
-    def log_predictions(self, events: list, results: list, request_id: str, trace_id: str | None = None) -> None:
-        """Every scored event goes to the prediction log before the answer leaves (app/predlog.py)."""
+    def log_predictions(self, events: list, results: list, request_id: str,
+                        trace_id: str | None = None) -> list[int]:
+        """Every scored event goes to the prediction log before the answer leaves (app/predlog.py).
+
+        An event the log cannot keep (503 from PredictionLog.append) gets its own 503 entry instead of
+        its score, so that no answer leaves unlogged; the events around it keep theirs, and the
+        batch is still 200. Returns the indexes of those events, in order.
+        """
         append = self.prediction_log.append
-        for event, result in zip(events, results):
-            if "prediction_id" in result:  # not an error entry: the event was checked and scored
-                append(result, event["event_id"], event["product"], request_id, trace_id)
+        refused: list[int] = []
+        pairs = zip(events, results)  # one iterator: after a refusal the loop resumes at the next event
+        while True:
+            try:
+                for event, result in pairs:
+                    if "prediction_id" in result:  # not an error entry: the event was checked and scored
+                        append(result, event["event_id"], event["product"], request_id, trace_id)
+                return refused
+            except ServiceUnavailable as exc:
+                index = position_of(result, results, refused[-1] + 1 if refused else 0)
+                results[index] = event_error(exc, index, f"events[{index}].", request_id)
+                refused.append(index)
 
     def answer_from_cache(self, groups: dict, results: list, started: float) -> dict[int, tuple]:
         """Answer the cached events now and drop them from their group; (key, explained) of the rest."""
@@ -379,7 +398,11 @@ class BatchInferResource:
         return keys
 
     def store_in_cache(self, keys: dict[int, tuple], results: list) -> None:
-        """Store the freshly scored answers of the events that missed (a fallback's answer is not the canary's)."""
+        """Store the freshly scored answers of the events that missed (a fallback's answer is not the canary's).
+
+        Called after log_predictions: an event the log refused has a 503 entry by then, so only
+        answers that were logged and given out are kept for later requests.
+        """
         for index, (key, explained) in keys.items():
             answer = results[index]
             if "prediction_id" in answer and "fallback" not in answer:
@@ -513,7 +536,8 @@ class BatchInferResource:
             for position, request in enumerate(requests):
                 answer = prediction(model, float(scores[position]), [], started)
                 counters.answered(run_s, answer["decision"])
-                self.prediction_log.append(answer, request.event_id, request.product, request_id)
+                with contextlib.suppress(ServiceUnavailable):  # as for a single shadow run
+                    self.prediction_log.append(answer, request.event_id, request.product, request_id)
 
 
 def group_deadline(items: list, started: float) -> float | None:
@@ -545,6 +569,19 @@ def mark_skipped_canaries(skipped: dict[int, ServingModel], results: list) -> No
         if "prediction_id" in answer:
             answer["fallback"] = True
             count_fallbacks(canary.product, canary.model_id)
+
+
+def position_of(entry: dict, results: list, start: int) -> int:
+    """Where ``entry`` (that very object) sits in ``results``, looking from ``start``; only a
+    refused append needs it, so the logging loop itself carries no index."""
+    return next(index for index in range(start, len(results)) if results[index] is entry)
+
+
+def shadows_of_kept_events(shadows: list, events: list, refused: list[int]) -> list:
+    """The (shadow model, request) pairs less those of events the log refused (matched by event id):
+    as for one event, an event answered 503 is not scored by its shadow either."""
+    refused_ids = {events[index]["event_id"] for index in refused}
+    return [(model, request) for model, request in shadows if request.event_id not in refused_ids]
 
 
 def event_error(exc: ApiError, index: int, path: str, request_id: str) -> dict:

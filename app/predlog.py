@@ -20,7 +20,8 @@ Read-your-writes (``GET /v1/infer/{id}``): a prediction lives in exactly one of 
 any time and moves only forwards, each move writing the next place before leaving the previous
 one: ring -> (Postgres | writer spool), overflow file -> Postgres, writer spool -> Postgres. So
 ``PredictionLog.find_unwritten`` looks in every ring, then the overflow files and the spool, and
-the caller then in Postgres: a prediction made a moment ago by any worker is found.
+the caller then in Postgres: a prediction made a moment ago by any worker is found. On disk it reads
+only the files whose time span can hold the id (ids are UUIDv7, app/ids.py; app/predlog_files.py).
 """
 from __future__ import annotations
 
@@ -36,6 +37,8 @@ import time
 import orjson
 
 from app.errors import ServiceUnavailable
+from app.ids import id_time_ms
+from app.predlog_disk import DiskReason, DiskTrouble, LogFull
 from app.predlog_files import OVERFLOW_FILE_MAX_AGE_S, OverflowSpill, search_files
 from shm.counters import CounterBlock
 from shm.ring import QueueRings
@@ -47,6 +50,7 @@ RECORD_PREFIX = b'{"prediction_id":"'
 OVERFLOW_DIR = "overflow"
 BATCHES_DIR = "batches"
 REJECTED_DIR = "rejected"
+CORRUPT_DIR = "corrupt"
 FILE_SEARCH_ATTEMPTS = 3
 
 _dumps = orjson.dumps
@@ -73,12 +77,32 @@ class Stat(enum.IntEnum):
     WRITER_PID = 13
     WRITER_HEARTBEAT_MS = 14  # unix ms of the writer's last loop
     SPOOL_FULL = 15           # 1 while the spool is at SIRA_SPOOL_MAX_BYTES
-    OVERFLOW_BASE = 32        # + slot: records that slot's workers spilled (one writer per cell)
+    WRITER_DISK_ERRORS = 16   # + DiskReason: the writer's failed disk operations
+    RING_DAMAGE = 20          # damaged ring records or slots the writer set aside under <spool>/corrupt
+    ADOPTED_RECORDS = 21      # records still waiting in rings a dead instance of the data dir left
+    OVERFLOW_BYTES = 22       # bytes of the workers' overflow files waiting for the writer
+    SLOT_BASE = 32            # + slot * SLOT_CELLS + SlotStat: each slot's own cells (one writer per cell)
+
+
+class SlotStat(enum.IntEnum):
+    """The cells of one worker slot, written by the worker that holds the slot."""
+
+    OVERFLOW = 0              # records spilled to an overflow file
+    REFUSED = 1               # predictions refused (503) because nothing could keep them
+    DISK_ERRORS = 2           # + DiskReason: failed overflow writes
+
+
+SLOT_CELLS = SlotStat.DISK_ERRORS + len(DiskReason)
+
+
+def slot_cell(slot: int, which: int) -> int:
+    """The counter block cell of one of a slot's figures (``which``: a SlotStat, plus a DiskReason)."""
+    return Stat.SLOT_BASE + slot * SLOT_CELLS + which
 
 
 def stat_cells(slots: int) -> int:
     """Size of the counter block for ``slots`` worker slots."""
-    return Stat.OVERFLOW_BASE + slots
+    return Stat.SLOT_BASE + slots * SLOT_CELLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +119,10 @@ class PredictionLogConfig:
     spool_max_bytes: int
     batch_rows: int
     linger_s: float = 0.0  # a batch that is not full waits this long after the last one started
+    adopted_rings: tuple[str, ...] = ()  # rings segments of dead instances of the data dir, to drain
+    handoff_bucket: str | None = None    # MODEL_BUCKET: the spool goes there when the writer stops with
+    handoff_endpoint: str | None = None  # Postgres away (workers/spool_handoff.py); None: no handoff
+    handoff_prefix: str = ""
 
     @property
     def overflow_dir(self) -> str:
@@ -107,6 +135,11 @@ class PredictionLogConfig:
     @property
     def rejected_dir(self) -> str:
         return os.path.join(self.spool_dir, REJECTED_DIR)
+
+    @property
+    def corrupt_dir(self) -> str:
+        """Damaged files and ring bytes, set aside for a person to look at (never deleted)."""
+        return os.path.join(self.spool_dir, CORRUPT_DIR)
 
 
 # -- records ------------------------------------------------------------------------------------
@@ -159,9 +192,14 @@ class PredictionLog:
         self._ring_writer = rings.writer(slot)
         self._append_to_ring = self._ring_writer.append
         self.spill = OverflowSpill(config.overflow_dir, config.instance_id, slot,
-                                   self._ring_writer.epoch)
+                                   self._ring_writer.epoch, (config.overflow_dir, config.batches_dir),
+                                   config.spool_max_bytes)
         self._spilling = False
-        self._overflow_cell = Stat.OVERFLOW_BASE + slot
+        self._overflow_cell = slot_cell(slot, SlotStat.OVERFLOW)
+        self._refused_cell = slot_cell(slot, SlotStat.REFUSED)
+        self.disk = DiskTrouble(lambda reason: stats.add(slot_cell(slot, SlotStat.DISK_ERRORS + reason)),
+                                log, f"prediction log of worker slot {slot}")
+        self._full_logged = False
         self.appended = 0
         self.overflowed = 0
 
@@ -196,10 +234,16 @@ class PredictionLog:
         try:
             self.spill.write(record)
         except OSError as exc:
-            log.error("prediction log: ring %d is full and the overflow file failed: %s",
-                      self.slot, exc)
-            raise ServiceUnavailable("the prediction log cannot keep this prediction now",
-                                     {"retry_after_s": 1}, {"Retry-After": "1"}) from None
+            self.disk.failed("the overflow file", exc, "predictions are refused until it works again")
+            raise self._refused() from None
+        except LogFull as exc:
+            if not self._full_logged:
+                log.error("prediction log: ring %d is full and %s: predictions are refused (503) until "
+                          "the writer catches up", self.slot, exc)
+                self._full_logged = True
+            raise self._refused() from None
+        self.disk.ok()
+        self._full_logged = False
         if not self._spilling:
             log.warning("prediction log: ring %d is full; spilling to %s", self.slot,
                         self.spill.directory)
@@ -207,6 +251,11 @@ class PredictionLog:
             self._seal_later()
         self.overflowed += 1
         self.stats.add(self._overflow_cell)
+
+    def _refused(self) -> ServiceUnavailable:
+        self.stats.add(self._refused_cell)
+        return ServiceUnavailable("the prediction log cannot keep this prediction now",
+                                  {"retry_after_s": 1}, {"Retry-After": "1"})
 
     def _seal_later(self) -> None:
         """Seal an overflow file that stops growing (no more requests) once it is old enough."""
@@ -226,8 +275,8 @@ class PredictionLog:
         self._spilling = False
         try:
             self.spill.seal()
-        except OSError as exc:  # the records stay in the open file; the writer takes it later
-            log.error("prediction log: sealing the overflow file failed: %s", exc)
+        except OSError as exc:  # the records stay in the open file; the writer takes it once we exit
+            self.disk.failed("sealing the overflow file", exc, "its records wait in it")
 
     # finding, for GET /v1/infer/{prediction_id}
 
@@ -235,15 +284,18 @@ class PredictionLog:
         """The record of ``prediction_id`` if it has not reached Postgres yet (rings, then disk).
 
         Look in Postgres only after this said None: that order never misses a record that is
-        moving (module doc).
+        moving (module doc). The disk is searched only for a UUIDv7 id, in the files its time
+        can be in (app/predlog_files.py); an id of another version (made before ids were v7) is
+        looked for in the rings only, then in Postgres.
         """
         prefix = record_prefix(prediction_id)
         for slot in range(self.rings.slots):
             record = find_record(self.rings, slot, prefix)
             if record is not None:
                 return _loads(record)
-        if self.has_files_on_disk():
-            record = await asyncio.to_thread(self.find_on_disk, prefix)
+        id_ms = id_time_ms(prediction_id)
+        if id_ms is not None and self.has_files_on_disk():
+            record = await asyncio.to_thread(self.find_on_disk, prefix, id_ms)
             if record is not None:
                 return _loads(record)
         return None
@@ -251,18 +303,28 @@ class PredictionLog:
     def has_files_on_disk(self) -> bool:
         """Whether any overflow or spool file exists (usually none: then no thread is needed)."""
         for directory in (self.config.overflow_dir, self.config.batches_dir):
-            with contextlib.suppress(FileNotFoundError), os.scandir(directory) as entries:
-                if any(True for _ in entries):
-                    return True
+            try:
+                with os.scandir(directory) as entries:
+                    if any(True for _ in entries):
+                        return True
+            except FileNotFoundError:
+                continue
+            except OSError:
+                return True  # cannot tell: the search says why (find_on_disk)
         return False
 
-    def find_on_disk(self, prefix: bytes) -> bytes | None:
-        """Search the overflow files, then the writer's spool (blocking: run it in a thread)."""
+    def find_on_disk(self, prefix: bytes, id_ms: int) -> bytes | None:
+        """Search the overflow files, then the writer's spool, that can hold an id made at ``id_ms``
+        (blocking: run it in a thread)."""
         for _attempt in range(FILE_SEARCH_ATTEMPTS):
             try:
-                return search_files([self.config.overflow_dir, self.config.batches_dir], prefix)
+                return search_files([self.config.overflow_dir, self.config.batches_dir], prefix, id_ms)
             except FileNotFoundError:
                 continue  # sealed (renamed) or replayed while we looked: list again
+            except OSError as exc:  # EIO, EMFILE...: the prediction may be there; say so, not "not found"
+                self.disk.failed("searching the spool", exc, "lookups of unwritten predictions answer 503")
+                raise ServiceUnavailable("the prediction log's files cannot be searched now",
+                                         {"retry_after_s": 1}, {"Retry-After": "1"}) from None
         return None
 
     # lifecycle
@@ -275,6 +337,8 @@ class PredictionLog:
         """Seal the overflow file and unmap (idempotent); the ring keeps what was appended."""
         try:
             self.spill.seal(durable=True)
+        except OSError as exc:  # an unsealed file of a gone worker is replayed all the same
+            self.disk.failed("sealing the overflow file at exit", exc, "the writer replays it unsealed")
         finally:
             self.stats.close()
             self.rings.close()

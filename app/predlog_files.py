@@ -8,6 +8,21 @@ An overflow file belongs to one worker, which appends a frame per record that fo
 full. Its name says whose it is and whether it is complete (``OverflowName``):
 ``<instance>-s<slot>-e<producer epoch>-p<pid>-<seq>.open`` while the worker writes it,
 ``.sealed`` once it handed it to the writer.
+
+A search for one record (``search_files``, for ``GET /v1/infer/{id}``) reads only the files that
+can hold it, chosen from the id's time (``app.ids.id_time_ms``: prediction ids are UUIDv7) and
+the file names, at most a stat each, never the spool's gigabytes:
+
+- a spool batch (``BatchName``) carries in its name the least and greatest id time of its
+  records: it is read when the id's time is in that span. A batch named in the older form
+  ``<seq>.batch`` has no span and is always read (written before ids were v7; it goes as the
+  writer replays it).
+- an overflow file takes records for at most ``OVERFLOW_FILE_MAX_AGE_S`` from its first write,
+  and its mtime is its last write: it is read when the id's time is within
+  ``[mtime - OVERFLOW_FILE_MAX_AGE_S - ID_TIME_SLACK_MS, mtime + ID_TIME_SLACK_MS]``. The slack
+  covers the time between making an id and appending its record (a batch request scores all its
+  events first), the kernel's coarse file clock and small steps of the wall clock. A file whose
+  mtime was changed by hand (a copy without ``-p``) is missed until the writer replays it.
 """
 from __future__ import annotations
 
@@ -19,13 +34,19 @@ import struct
 import time
 from typing import Any
 
+from app.predlog_disk import OVERFLOW_FILE_MAX_BYTES, LogFull, overflow_has_room
+
 OVERFLOW_FILE_RECORDS = 1000  # also the most the writer re-sends of one file after a crash
 OVERFLOW_FILE_MAX_AGE_S = 1.0
+ID_TIME_SLACK_MS = 5000  # overflow files: see the module doc
+BATCH_SUFFIX = ".batch"
+NO_V7_SPAN = (0, 0)  # a batch without one UUIDv7 id: no search for a v7 id reads it
 
 _FRAME = struct.Struct("<I")  # record length; the record bytes follow
 _OVERFLOW_NAME = re.compile(
     r"(?P<instance>[A-Za-z0-9_]+)-s(?P<slot>\d+)-e(?P<epoch>\d+)-p(?P<pid>\d+)-(?P<seq>\d+)"
     r"\.(?P<state>open|sealed)")
+_BATCH_NAME = re.compile(r"(?P<seq>\d{20})(?:-(?P<first>\d+)-(?P<last>\d+))?\.batch")
 
 
 # -- frames -------------------------------------------------------------------------------------
@@ -95,8 +116,11 @@ class OverflowSpill:
     ring they stand in for (a killed worker's writes are in the page cache).
     """
 
-    def __init__(self, directory: str, instance_id: str, slot: int, epoch: int) -> None:
+    def __init__(self, directory: str, instance_id: str, slot: int, epoch: int,
+                 budget_dirs: tuple[str, ...] = (), max_bytes: int = 0) -> None:
         self.directory = directory
+        self.budget_dirs = budget_dirs or (directory,)  # what counts toward max_bytes (0: no limit)
+        self.max_bytes = max_bytes
         self._name = OverflowName(instance_id, slot, epoch, os.getpid(), 0, False)
         self._fd = -1
         self._path = ""
@@ -115,12 +139,19 @@ class OverflowSpill:
         return time.monotonic() - self._opened_at
 
     def write(self, record: bytes) -> None:
-        """Append one record, rotating to a new file when the current one is full or old."""
+        """Append one record, rotating to a new file when the current one is full or old.
+
+        LogFull when a new file is needed and the budget has no room for it (app/predlog_disk.py).
+        """
+        frame = _FRAME.pack(len(record)) + record
         if self._fd < 0 or self._records >= OVERFLOW_FILE_RECORDS or \
+                (self._size and self._size + len(frame) > OVERFLOW_FILE_MAX_BYTES) or \
                 time.monotonic() - self._opened_at > OVERFLOW_FILE_MAX_AGE_S:
             self.seal()
+            if self.max_bytes and not overflow_has_room(self.budget_dirs, self.max_bytes):
+                raise LogFull(f"the prediction log's disk budget is spent ({self.max_bytes} bytes, "
+                              f"SIRA_SPOOL_MAX_BYTES)")
             self._open_next()
-        frame = _FRAME.pack(len(record)) + record
         try:
             written = os.write(self._fd, frame)
             if written != len(frame):
@@ -171,22 +202,87 @@ def fsync_directory(path: str) -> None:
 
 
 
+# -- spool batch names --------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class BatchName:
+    """What a spool batch file's name says: its place in the replay order and its records' id times.
+
+    ``<seq, 20 digits>-<first ms>-<last ms>.batch``: the least and greatest unix ms of the batch's
+    UUIDv7 prediction ids (``NO_V7_SPAN`` when it holds none). The older ``<seq>.batch`` has no
+    span (``first_ms`` None): a search reads it whatever the id. The fixed-width sequence comes
+    first, so sorting the names sorts by sequence in either form.
+    """
+
+    seq: int
+    first_ms: int | None = None
+    last_ms: int | None = None
+
+    def file_name(self) -> str:
+        if self.first_ms is None:
+            return f"{self.seq:020d}{BATCH_SUFFIX}"
+        return f"{self.seq:020d}-{self.first_ms}-{self.last_ms}{BATCH_SUFFIX}"
+
+    @classmethod
+    def parse(cls, name: str) -> BatchName | None:
+        """The parts of a batch file name; None for any other file (a ``.tmp`` one included)."""
+        match = _BATCH_NAME.fullmatch(name)
+        if match is None:
+            return None
+        if match["first"] is None:
+            return cls(int(match["seq"]))
+        return cls(int(match["seq"]), int(match["first"]), int(match["last"]))
+
+    def may_hold(self, id_ms: int) -> bool:
+        """Whether a record whose id was made at ``id_ms`` can be in this batch."""
+        return self.first_ms is None or self.first_ms <= id_ms <= self.last_ms
+
+
+def overflow_may_hold(mtime_ns: int, id_ms: int) -> bool:
+    """Whether an overflow file last written at ``mtime_ns`` can hold an id made at ``id_ms`` (module doc)."""
+    last_write_ms = mtime_ns // 1_000_000
+    first_write_ms = last_write_ms - int(OVERFLOW_FILE_MAX_AGE_S * 1000)
+    return first_write_ms - ID_TIME_SLACK_MS <= id_ms <= last_write_ms + ID_TIME_SLACK_MS
+
+
 # -- search -------------------------------------------------------------------------------------
 
-def search_files(directories: list[str], prefix: bytes) -> bytes | None:
-    """The record starting with ``prefix`` in any file of ``directories``; FileNotFoundError if one vanished."""
+def search_files(directories: list[str], prefix: bytes, id_ms: int) -> bytes | None:
+    """The record starting with ``prefix``, whose id was made at ``id_ms``, in ``directories``.
+
+    Only the files that can hold it are read (module doc). FileNotFoundError if a file vanished
+    while we looked (sealed or replayed): the caller lists again.
+    """
     for directory in directories:
-        try:
-            names = sorted(os.listdir(directory))
-        except FileNotFoundError:
-            continue
-        for name in names:
-            if name.endswith(".tmp"):
-                continue
-            record = search_file(os.path.join(directory, name), prefix)
+        for path in files_that_may_hold(directory, id_ms):
+            record = search_file(path, prefix)
             if record is not None:
                 return record
     return None
+
+
+def files_that_may_hold(directory: str, id_ms: int) -> list[str]:
+    """Paths of the batch and overflow files of ``directory`` that can hold an id made at ``id_ms``."""
+    chosen = []
+    try:
+        entries = os.scandir(directory)
+    except FileNotFoundError:
+        return []
+    with entries:
+        for entry in entries:
+            if _may_hold(entry, id_ms):
+                chosen.append(entry.path)
+    return sorted(chosen)
+
+
+def _may_hold(entry: os.DirEntry, id_ms: int) -> bool:
+    """A batch by its name, an overflow file by its name and mtime; anything else (``.tmp``) no."""
+    batch = BatchName.parse(entry.name)
+    if batch is not None:
+        return batch.may_hold(id_ms)
+    if OverflowName.parse(entry.name) is not None:
+        return overflow_may_hold(entry.stat().st_mtime_ns, id_ms)
+    return False
 
 
 def search_file(path: str, prefix: bytes) -> bytes | None:

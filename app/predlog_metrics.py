@@ -16,6 +16,11 @@ Families (``deploy/metrics.txt`` lists them; ``README.md`` explains them):
   ``sira_prediction_flush_seconds`` (summary: COPY + INSERT + COMMIT of a batch);
 - ``sira_prediction_spool_bytes``, ``..._spool_batches``, ``..._spool_full``,
   ``..._overflow_files``: what waits on disk;
+- ``sira_prediction_overflow_bytes``: what the overflow files hold (they share the spool's budget);
+- ``sira_prediction_refused_total``: predictions refused (503) because nothing could keep them;
+- ``sira_prediction_disk_errors_total{process, reason}``: failed disk operations (ENOSPC, EIO, EMFILE, OTHER);
+- ``sira_prediction_ring_damage_total``: damaged ring records or slots set aside;
+- ``sira_prediction_adopted_records``: records still in the rings a dead predecessor left;
 - ``sira_prediction_oldest_unwritten_seconds``: age of the oldest record still in a ring;
 - ``sira_prediction_writer_database_up`` and ``sira_prediction_writer_heartbeat_age_seconds``.
 """
@@ -26,7 +31,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from app.predlog import PredictionLog, Stat
+from app.predlog import PredictionLog, SlotStat, Stat, slot_cell
+from app.predlog_disk import DiskReason
 
 _ROW_COUNTERS = (
     ("sira_prediction_rows_written", "Prediction rows committed to Postgres (replays included).", Stat.ROWS_WRITTEN),
@@ -43,6 +49,8 @@ _DISK_GAUGES = (
     ("sira_prediction_spool_batches", "Batches in the writer's spool waiting for Postgres.", Stat.SPOOL_BATCHES),
     ("sira_prediction_spool_full", "1 while the spool is at SIRA_SPOOL_MAX_BYTES.", Stat.SPOOL_FULL),
     ("sira_prediction_overflow_files", "Overflow files of the workers waiting for the writer.", Stat.OVERFLOW_FILES),
+    ("sira_prediction_overflow_bytes", "Bytes of the workers' overflow files (they count toward SIRA_SPOOL_MAX_BYTES).",
+     Stat.OVERFLOW_BYTES),
     ("sira_prediction_writer_database_up", "1 while the prediction writer reaches Postgres.", Stat.DATABASE_UP),
 )
 
@@ -73,6 +81,16 @@ class PredictionLogCollector:
                                   count_value=batches, sum_value=stats.get(Stat.FLUSH_US_TOTAL) / 1e6)
         for name, documentation, cell in _DISK_GAUGES:
             yield GaugeMetricFamily(name, documentation, value=stats.get(cell))
+        yield CounterMetricFamily("sira_prediction_refused",
+                                  "Predictions refused (503) because neither the ring nor the disk could keep them.",
+                                  value=self.slot_total(SlotStat.REFUSED))
+        yield self.disk_errors()
+        yield CounterMetricFamily("sira_prediction_ring_damage",
+                                  "Damaged ring records or slots the writer set aside under the spool's corrupt/.",
+                                  value=stats.get(Stat.RING_DAMAGE))
+        yield GaugeMetricFamily("sira_prediction_adopted_records",
+                                "Predictions still waiting in queue rings a stopped instance of this data dir left.",
+                                value=stats.get(Stat.ADOPTED_RECORDS))
         yield GaugeMetricFamily("sira_prediction_oldest_unwritten_seconds",
                                 "Age of the oldest prediction still waiting in a queue ring (0 when they are empty).",
                                 value=stats.get(Stat.OLDEST_UNWRITTEN_MS) / 1000)
@@ -80,13 +98,28 @@ class PredictionLogCollector:
                                 "Seconds since the prediction writer's last loop (large: the writer is stuck or down).",
                                 value=self.heartbeat_age_s())
 
+    def disk_errors(self):
+        from prometheus_client.core import CounterMetricFamily
+
+        family = CounterMetricFamily("sira_prediction_disk_errors",
+                                     "Failed disk operations of the prediction log, by process and reason.",
+                                     labels=("process", "reason"))
+        stats = self.log.stats
+        for reason in DiskReason:
+            family.add_metric(("writer", reason.name), stats.get(Stat.WRITER_DISK_ERRORS + reason))
+            family.add_metric(("worker", reason.name), self.slot_total(SlotStat.DISK_ERRORS + reason))
+        return family
+
     def queue_depth(self) -> int:
         rings = self.log.rings
         return sum(rings.reader(slot).depth_records() for slot in range(rings.slots))
 
     def overflowed(self) -> int:
+        return self.slot_total(SlotStat.OVERFLOW)
+
+    def slot_total(self, which: int) -> int:
         stats = self.log.stats
-        return sum(stats.get(Stat.OVERFLOW_BASE + slot) for slot in range(self.log.config.slots))
+        return sum(stats.get(slot_cell(slot, which)) for slot in range(self.log.config.slots))
 
     def heartbeat_age_s(self) -> float:
         beat_ms = self.log.stats.get(Stat.WRITER_HEARTBEAT_MS)

@@ -6,7 +6,7 @@ Run: ``python -m bench.bench_writer [--rows N] [--no-fsync] [--seconds S]``.
    (median and p99, timer included) and as a loop mean; the ring is emptied, untimed, when full.
    Also the spill path (ring full: one write to the overflow file).
 2. Backlog: N rows waiting in the rings (as after an outage), then a real writer process
-   (``python -m workers.writer``) drains them into a real Postgres (embedded, fsync on unless
+   (``python -m workers.writer_process``) drains them into a real Postgres (embedded, fsync on unless
    ``--no-fsync``); rows/s from the writer's start to the last commit, read from Postgres.
 3. Live: two producer processes append as fast as they can for S seconds while the writer drains
    (the writer competes with them for the CPU, as with HTTP workers); rows/s committed.
@@ -131,7 +131,7 @@ def produce_until(config: PredictionLogConfig, slot: int, stop_at: float, counte
 
 def start_writer(config: PredictionLogConfig, log_path: str) -> subprocess.Popen:
     with open(log_path, "ab") as log:
-        return subprocess.Popen([sys.executable, "-m", "workers.writer",
+        return subprocess.Popen([sys.executable, "-m", "workers.writer_process",
                                  orjson.dumps(dataclasses.asdict(config))],
                                 cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), stdout=log,
                                 stderr=subprocess.STDOUT)

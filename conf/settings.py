@@ -212,6 +212,13 @@ def parse_ring_bytes(value: str) -> int:
     return number
 
 
+def parse_key_prefix(value: str) -> str:
+    """An object key prefix ending in '/' (segments of letters, digits, '.', '_', '-'), or '' for off."""
+    if value and not re.fullmatch(r"([A-Za-z0-9_][A-Za-z0-9._-]*/)+", value):
+        raise ValueError(f"empty (off) or a key prefix such as prediction-spool/, got {value!r}")
+    return value
+
+
 SETTINGS: tuple[Setting, ...] = (
     Setting("SIRA_DATA_DIR", "./var", parse_nonempty,
             "Folder for the embedded Postgres, the local model store, model files, pid files and the generated JWT secret."),
@@ -265,7 +272,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SIRA_QUEUE_RING_BYTES", "4194304", parse_ring_bytes,
             "Bytes of each worker's prediction queue ring in /dev/shm (a multiple of 64). A full ring spills to the worker's overflow file under $SIRA_DATA_DIR/spool."),
     Setting("SIRA_SPOOL_MAX_BYTES", "1073741824", parse_bounded_int(1024 * 1024, 1 << 50),
-            "Most bytes the prediction writer spools under $SIRA_DATA_DIR/spool while Postgres is away (logged as it fills); at the limit new predictions wait in the rings."),
+            "Most bytes the prediction log keeps under $SIRA_DATA_DIR/spool: the writer's batches while Postgres is away and the workers' overflow files (logged as it fills); at the limit new predictions wait in the rings, and when those are full a request is refused (503)."),
+    Setting("SIRA_SPOOL_HANDOFF_PREFIX", "prediction-spool/", parse_key_prefix,
+            "With MODEL_BUCKET: a writer that stops while Postgres is away uploads its spool and overflow files under this prefix of the bucket, and any instance replays them once Postgres answers (empty: off)."),
     Setting("SIRA_WRITER_BATCH_ROWS", "5000", parse_bounded_int(1, 100_000),
             "Most prediction rows the writer sends to Postgres in one COPY and commit."),
     Setting("SIRA_WRITER_LINGER_MS", "100", parse_bounded_int(0, 1000),
@@ -331,6 +340,7 @@ class Settings:
     gunicorn_config: str | None
     queue_ring_bytes: int
     spool_max_bytes: int
+    spool_handoff_prefix: str
     writer_batch_rows: int
     writer_linger_ms: int
     canary_budget_ms: float

@@ -13,104 +13,92 @@ Guarantees and limits:
 - Publication relies on store order: the record bytes are written first, then ``write_pos``
   with one aligned 8-byte store (slice assignment of a packed u64), and the consumer loads
   ``write_pos`` before the records. x86-64 keeps stores (and loads) in program order; on a
-  weakly ordered CPU (arm64) pure Python has no memory fence to offer.
+  weakly ordered CPU (arm64) pure Python has no memory fence to offer, and a record seen
+  before its bytes fails its crc (below) instead of being delivered wrong.
 - ``append`` never blocks: it returns False when the record does not fit (the caller spills).
 - Create ``RingWriter`` / ``RingReader`` in the process that uses them (after any fork): they
   cache positions.
+
+Damage. Every record carries the crc32 of its payload, so damaged bytes are found rather than
+delivered, and one bad record or slot no longer stops the consumer:
+
+- ``peek_batch`` returns only intact records. It stops before the first record whose length is
+  impossible (it would run past ``write_pos``) or whose crc does not match, and names it in
+  ``damaged_at``; ``commit`` the good ones, then ``skip_damaged`` returns the bad bytes (keep
+  them as evidence) and moves past them. crc32 finds accidental damage (any burst of up to
+  32 bits, other damage but for about 1 in 2**32), not deliberate forgery. It covers the
+  payload only: a damaged length is caught because it runs past ``write_pos`` or because the
+  crc of the bytes it delimits does not match.
+- After a damaged length, reads may land inside other records until they reach a boundary
+  again; eight zero bytes there read as an intact empty record (crc32 of b"" is 0).
+  Prediction records are never empty, so a consumer may treat b"" as damage too.
+- On arm64 a crc mismatch can also be a record whose bytes are not visible yet: wait a poll
+  before skipping (``skip_damaged`` re-checks and skips nothing when the record turned out
+  intact).
+- Impossible slot positions (read after write, more than a ring apart, off the 8-byte grid)
+  raise ``RingCorrupt`` from the reader's calls, per slot, and from ``RingWriter()``;
+  ``reset_damaged_slot`` returns the data area and restarts the slot at the published write
+  position. What waited in the slot is lost to the consumer (it is in the returned bytes). A
+  live producer never trusts an impossible read position, so it spills rather than overwrite.
 """
 from __future__ import annotations
 
 import os
-import struct
-from typing import Final, NamedTuple
+import zlib
+from typing import Final
 
+from shm.ring_layout import (
+    LAYOUT_VERSION,
+    MAGIC,
+    MAX_RING_BYTES,
+    PRODUCER_EPOCH,
+    PRODUCER_PID,
+    READ_POS,
+    RECORD_ALIGN,
+    RECORD_HEADER,
+    RECORD_HEADER_SIZE,
+    RECORDS_READ,
+    RECORDS_WRITTEN,
+    RING_ALIGN,
+    RINGS_HEADER,
+    SLOT_HEADER_SIZE,
+    SPECIFIC_HEADER_SIZE,
+    U32,
+    U64,
+    WRITE_POS,
+    RingCorrupt,
+    RingLayout,
+    check_positions,
+    check_ring_bytes,
+    load_u64,
+    record_size,
+    segment_size,
+)
+from shm.ring_reader import DEFAULT_BATCH_BYTES, DEFAULT_BATCH_RECORDS, RingReader
 from shm.segment import (
-    COMMON_HEADER_SIZE,
     DEFAULT_DIRECTORY,
     Segment,
     SegmentBacked,
-    SegmentError,
     built_over_attached,
     built_over_new,
 )
 
-MAGIC: Final = b"SIRAQRNG"
-LAYOUT_VERSION: Final = 1
+# shm.ring is the public module: the layout and the reader live in siblings, re-exported here.
+__all__ = [
+    "DEFAULT_BATCH_BYTES", "DEFAULT_BATCH_RECORDS", "DEFAULT_RING_BYTES", "LAYOUT_VERSION",
+    "MAGIC", "MAX_RING_BYTES", "PRODUCER_EPOCH", "PRODUCER_PID", "READ_POS", "RECORD_ALIGN",
+    "RECORD_HEADER_SIZE", "RECORDS_READ", "RECORDS_WRITTEN", "RING_ALIGN", "SLOT_HEADER_SIZE",
+    "SPECIFIC_HEADER_SIZE", "WRITE_POS", "QueueRings", "RingCorrupt", "RingLayout",
+    "RingReader", "RingWriter", "record_size", "segment_size",
+]
+
 DEFAULT_RING_BYTES: Final = 4 * 1024 * 1024
-DEFAULT_BATCH_RECORDS: Final = 1000
-DEFAULT_BATCH_BYTES: Final = 1024 * 1024
 
-SPECIFIC_HEADER_SIZE: Final = 64
-SLOT_HEADER_SIZE: Final = 128
-RING_ALIGN: Final = 64
-RECORD_HEADER_SIZE: Final = 4
-MAX_RING_BYTES: Final = 1 << 31
-
-# Offsets inside one slot header. Producer fields share one cache line, consumer fields another.
-WRITE_POS: Final = 0
-RECORDS_WRITTEN: Final = 8
-PRODUCER_EPOCH: Final = 16
-PRODUCER_PID: Final = 24
-READ_POS: Final = 64
-RECORDS_READ: Final = 72
-
-_RINGS_HEADER = struct.Struct("<IIQQ")  # slots, reserved, ring bytes, slot stride
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
-
-
-class RingCorrupt(SegmentError):
-    """A ring's positions or record lengths are impossible: the bytes were damaged."""
-
-
-class RingLayout(NamedTuple):
-    """Where each slot of a rings segment lives; parsed from and checked against a segment."""
-
-    slots: int
-    ring_bytes: int
-    data_start: int
-
-    @property
-    def slot_stride(self) -> int:
-        """Bytes from one slot header to the next."""
-        return SLOT_HEADER_SIZE + self.ring_bytes
-
-    def slot_base(self, slot: int) -> int:
-        """Offset of a slot's header; raises IndexError for a slot that does not exist."""
-        if not 0 <= slot < self.slots:
-            raise IndexError(f"slot {slot} outside [0, {self.slots})")
-        return self.data_start + slot * self.slot_stride
-
-    @classmethod
-    def of(cls, segment: Segment) -> RingLayout:
-        """Read the layout from a segment's own header, checking every size against the file."""
-        if segment.buf[:len(MAGIC)] != MAGIC or segment.version != LAYOUT_VERSION:
-            raise SegmentError(f"segment {segment.path} is not a rings segment of layout "
-                               f"version {LAYOUT_VERSION}")
-        header = segment.specific_header
-        if len(header) != SPECIFIC_HEADER_SIZE:
-            raise SegmentError(f"segment {segment.path}: rings header is {len(header)} bytes, "
-                               f"expected {SPECIFIC_HEADER_SIZE}")
-        slots, _reserved, ring_bytes, stride = _RINGS_HEADER.unpack_from(header, 0)
-        _check_ring_bytes(ring_bytes, SegmentError)
-        layout = cls(slots, ring_bytes, segment.header_size)
-        if slots < 1 or stride != layout.slot_stride:
-            raise SegmentError(f"segment {segment.path}: {slots} slots of stride {stride} "
-                               f"do not match ring size {ring_bytes}: corrupt")
-        if segment.size != layout.data_start + slots * stride:
-            raise SegmentError(f"segment {segment.path} is {segment.size} bytes, its header "
-                               f"says {layout.data_start + slots * stride}: corrupt")
-        return layout
-
-
-def segment_size(slots: int, ring_bytes: int) -> int:
-    """Total bytes of a rings segment, headers included."""
-    return COMMON_HEADER_SIZE + SPECIFIC_HEADER_SIZE + slots * (SLOT_HEADER_SIZE + ring_bytes)
-
-
-def record_size(payload_bytes: int) -> int:
-    """Ring bytes one record occupies: u32 length + payload, rounded up to 4 bytes."""
-    return (payload_bytes + RECORD_HEADER_SIZE + 3) & ~3
+# Bound once: ``append`` runs for every prediction; the lookups saved cost ~120 ns per call.
+_crc32 = zlib.crc32
+_pack_header = RECORD_HEADER.pack
+_pack_u64 = U64.pack
+assert (RECORD_HEADER_SIZE, RECORD_ALIGN) == (8, 8), "RingWriter.append inlines both"
 
 
 class QueueRings(SegmentBacked):
@@ -118,7 +106,7 @@ class QueueRings(SegmentBacked):
 
     Binary layout (all integers little-endian, offsets in bytes)::
 
-        0 .. 64     common segment header (shm.segment): magic b"SIRAQRNG", layout version 1
+        0 .. 64     common segment header (shm.segment): magic b"SIRAQRNG", layout version 2
         64 .. 128   rings header: slots u32 | reserved u32 | ring_bytes u64 | slot stride u64 | 0..
         128 ..      slot 0, slot 1, ... each ``128 + ring_bytes`` bytes (64-byte aligned)
 
@@ -131,18 +119,23 @@ class QueueRings(SegmentBacked):
         |<---- written by the producer only ------------->|<-- by the consumer only ----->|
         128 .. 128 + ring_bytes   data area
 
-        one record, at data offset ``pos % ring_bytes`` (always 4-byte aligned):
-        +----------+------------------+---------+
-        | len u32  | payload len bytes| pad 0-3 |   occupies record_size(len) bytes
-        +----------+------------------+---------+
+        one record, at data offset ``pos % ring_bytes`` (always 8-byte aligned):
+        0          4            8                       8 + len
+        +----------+------------+-----------------------+---------+
+        | len u32  | crc32 u32  | payload, len bytes    | pad 0-7 |   record_size(len) bytes
+        +----------+------------+-----------------------+---------+
+        crc32 is zlib.crc32(payload); the pad bytes are whatever was there before.
 
     ``write_pos`` and ``read_pos`` are byte offsets that only grow (never wrap); the bytes in
     ``[read_pos, write_pos)`` are the unconsumed records and ``write_pos - read_pos <=
     ring_bytes``. Wrap-around is a split copy: a payload that reaches the end of the data area
-    continues at its start. ``ring_bytes`` is a multiple of 64, so the 4-byte length never
-    straddles the end. ``records written`` is bumped just before ``write_pos`` and ``records
+    continues at its start. The 8-byte header is never split: records start on the 8-byte grid
+    and ``ring_bytes`` is a multiple of 64 (so of 8), hence a header starting before the end
+    ends at the latest exactly there, and its payload (possibly all of it) continues at the
+    start. ``records written`` is bumped just before ``write_pos`` and ``records
     read`` at commit, so their difference is the depth in records (approximate: off by one
-    while an append is in flight or after a producer died between the two stores).
+    while an append is in flight or after a producer died between the two stores; after
+    ``skip_damaged`` or ``reset_damaged_slot`` it counts what the bad bytes claimed to hold).
     ``producer epoch`` counts the producers that took the slot and ``producer pid`` names the
     last one.
 
@@ -160,8 +153,8 @@ class QueueRings(SegmentBacked):
         """Create a zeroed segment of ``slots`` empty rings of ``ring_bytes`` each."""
         if slots < 1:
             raise ValueError(f"slots must be at least 1, not {slots}")
-        _check_ring_bytes(ring_bytes, ValueError)
-        header = _RINGS_HEADER.pack(slots, 0, ring_bytes, SLOT_HEADER_SIZE + ring_bytes)
+        check_ring_bytes(ring_bytes, ValueError)
+        header = RINGS_HEADER.pack(slots, 0, ring_bytes, SLOT_HEADER_SIZE + ring_bytes)
         header += bytes(SPECIFIC_HEADER_SIZE - len(header))
         segment = Segment.create(name, segment_size(slots, ring_bytes), MAGIC, LAYOUT_VERSION,
                                  directory=directory, header=header)
@@ -196,7 +189,11 @@ class RingWriter:
     """The single producer of one slot: appends records without blocking."""
 
     def __init__(self, segment: Segment, slot: int, pid: int | None = None) -> None:
-        """Take over the slot: continue after its write position and record this producer."""
+        """Take over the slot: continue after its write position and record this producer.
+
+        Raises RingCorrupt for a slot whose positions are impossible: the consumer must
+        ``reset_damaged_slot`` it first.
+        """
         layout = RingLayout.of(segment)
         base = layout.slot_base(slot)
         self._buf = segment.buf
@@ -207,17 +204,17 @@ class RingWriter:
         self._records_written_at = base + RECORDS_WRITTEN
         self._read_pos_at = base + READ_POS
         self.slot = slot
-        self._write_pos = _load_u64(self._buf, self._write_pos_at)
-        self._records_written = _load_u64(self._buf, self._records_written_at)
-        self._read_pos_seen = _load_u64(self._buf, self._read_pos_at)
-        _check_positions(self._read_pos_seen, self._write_pos, self._capacity, segment, slot)
+        self._write_pos = load_u64(self._buf, self._write_pos_at)
+        self._records_written = load_u64(self._buf, self._records_written_at)
+        self._read_pos_seen = load_u64(self._buf, self._read_pos_at)
+        check_positions(self._read_pos_seen, self._write_pos, self._capacity, segment, slot)
         self._claim(base, os.getpid() if pid is None else pid)
 
     def _claim(self, base: int, pid: int) -> None:
         """Bump the producer epoch and record our pid, so the consumer can tell who writes."""
-        epoch = _load_u64(self._buf, base + PRODUCER_EPOCH) + 1
-        self._buf[base + PRODUCER_PID:base + PRODUCER_PID + 4] = _U32.pack(pid & 0xFFFFFFFF)
-        self._buf[base + PRODUCER_EPOCH:base + PRODUCER_EPOCH + 8] = _U64.pack(epoch)
+        epoch = load_u64(self._buf, base + PRODUCER_EPOCH) + 1
+        self._buf[base + PRODUCER_PID:base + PRODUCER_PID + 4] = U32.pack(pid & 0xFFFFFFFF)
+        self._buf[base + PRODUCER_EPOCH:base + PRODUCER_EPOCH + 8] = U64.pack(epoch)
         self.epoch = epoch
 
     @property
@@ -232,171 +229,71 @@ class RingWriter:
         spills it like any record that finds the ring full.
         """
         n = len(record)
-        size = (n + RECORD_HEADER_SIZE + 3) & ~3
+        size = (n + 15) & -8  # record_size(n), inlined: this is the hot path
         pos = self._write_pos
         if pos + size - self._read_pos_seen > self._capacity:
             # Our cached read position is stale only in the safe direction; reload it.
-            self._read_pos_seen = _load_u64(self._buf, self._read_pos_at)
+            self._reload_read_pos()
+            pos = self._write_pos  # moved if the consumer reset the slot ahead of us
             if pos + size - self._read_pos_seen > self._capacity:
                 return False
         buf = self._buf
         at = self._data + pos % self._capacity
-        end = at + RECORD_HEADER_SIZE + n
+        end = at + 8 + n  # 8: RECORD_HEADER_SIZE
         if end <= self._data_end:
-            buf[at:end] = _U32.pack(n) + record
+            buf[at:end] = _pack_header(n, _crc32(record)) + record
         else:
-            self._write_split(at, n, record)
+            self._write_split(at, _pack_header(n, _crc32(record)), record)
         pos += size
         self._write_pos = pos
         self._records_written += 1
-        buf[self._records_written_at:self._records_written_at + 8] = _U64.pack(
+        buf[self._records_written_at:self._records_written_at + 8] = _pack_u64(
             self._records_written)
         # Publish: one aligned 8-byte store, after the record bytes.
-        buf[self._write_pos_at:self._write_pos_at + 8] = _U64.pack(pos)
+        buf[self._write_pos_at:self._write_pos_at + 8] = _pack_u64(pos)
         return True
 
-    def _write_split(self, at: int, n: int, record: bytes) -> None:
-        """Write a record whose payload runs past the end of the data area: wrap to its start."""
+    def _write_split(self, at: int, header: bytes, record: bytes) -> None:
+        """Write a record whose payload runs past the end of the data area: wrap to its start.
+
+        The header itself always fits before the end (see ``QueueRings``); the payload part
+        before the end may be empty.
+        """
         buf = self._buf
-        first = self._data_end - at - RECORD_HEADER_SIZE
-        buf[at:at + RECORD_HEADER_SIZE] = _U32.pack(n)
+        payload_at = at + RECORD_HEADER_SIZE
+        first = self._data_end - payload_at
+        buf[at:payload_at] = header
         view = memoryview(record)
-        buf[at + RECORD_HEADER_SIZE:self._data_end] = view[:first]
-        buf[self._data:self._data + n - first] = view[first:]
+        buf[payload_at:self._data_end] = view[:first]
+        buf[self._data:self._data + len(record) - first] = view[first:]
+
+    def _reload_read_pos(self) -> None:
+        """Load the consumer's position, ignoring one that is impossible from where we stand.
+
+        A damaged ``read_pos`` ahead of our write position would make the ring look empty
+        forever and let us overwrite unconsumed records; one behind our cached value cannot be
+        (it only grows). Either way we keep the last good value, so at worst we refuse (the
+        caller spills) until the consumer repairs the slot with ``reset_damaged_slot``.
+        """
+        read_pos = load_u64(self._buf, self._read_pos_at)
+        if self._read_pos_seen <= read_pos <= self._write_pos:
+            self._read_pos_seen = read_pos
+        elif read_pos > self._write_pos and self._reset_at(read_pos):
+            # The consumer reset the slot at a (damaged) write position ahead of ours, and the
+            # ring is empty there: continue from it, as a new producer would.
+            self._write_pos = self._read_pos_seen = read_pos
+
+    def _reset_at(self, read_pos: int) -> bool:
+        """True when the published write position equals ``read_pos``, on the record grid."""
+        write_pos = load_u64(self._buf, self._write_pos_at)
+        return write_pos == read_pos and not read_pos % RECORD_ALIGN
 
     def free_bytes(self) -> int:
         """Ring bytes free right now (a record needs ``record_size(len)`` of them)."""
-        self._read_pos_seen = _load_u64(self._buf, self._read_pos_at)
+        self._reload_read_pos()
         return self._capacity - (self._write_pos - self._read_pos_seen)
 
     @property
     def write_pos(self) -> int:
         """The byte offset after the last published record."""
         return self._write_pos
-
-
-class RingReader:
-    """The single consumer of one slot: peeks batches and commits them once they are durable."""
-
-    def __init__(self, segment: Segment, slot: int) -> None:
-        """Attach to a slot; reading starts at its committed read position."""
-        layout = RingLayout.of(segment)
-        base = layout.slot_base(slot)
-        self._segment = segment
-        self._buf = segment.buf
-        self._capacity = layout.ring_bytes
-        self._data = base + SLOT_HEADER_SIZE
-        self._data_end = self._data + layout.ring_bytes
-        self._base = base
-        self.slot = slot
-        self._peeked_end = -1
-        self._peeked_count = 0
-
-    def _positions(self) -> tuple[int, int]:
-        """Committed read position then published write position, both checked."""
-        read_pos = _load_u64(self._buf, self._base + READ_POS)
-        write_pos = _load_u64(self._buf, self._base + WRITE_POS)
-        _check_positions(read_pos, write_pos, self._capacity, self._segment, self.slot)
-        return read_pos, write_pos
-
-    def _record_at(self, pos: int, write_pos: int) -> tuple[int, int]:
-        """(data offset of the payload, payload length) of the record at ``pos``, checked."""
-        at = self._data + pos % self._capacity
-        (n,) = _U32.unpack_from(self._buf, at)
-        if pos + ((n + RECORD_HEADER_SIZE + 3) & ~3) > write_pos:
-            raise RingCorrupt(f"{self._segment.path} slot {self.slot}: record of {n} bytes at "
-                              f"{pos} runs past write position {write_pos}")
-        return at + RECORD_HEADER_SIZE, n
-
-    def peek_batch(self, max_records: int = DEFAULT_BATCH_RECORDS,
-                   max_bytes: int = DEFAULT_BATCH_BYTES) -> tuple[list[bytes], int]:
-        """Copy out the oldest unconsumed records without consuming them.
-
-        Returns the records (at most ``max_records``, payload bytes at most ``max_bytes`` but
-        always at least one record when any is there) and the position to ``commit``.
-        """
-        pos, write_pos = self._positions()
-        records: list[bytes] = []
-        total = 0
-        while pos < write_pos and len(records) < max_records:
-            start, n = self._record_at(pos, write_pos)
-            if records and total + n > max_bytes:
-                break
-            records.append(self._copy_payload(start, n))
-            total += n
-            pos += (n + RECORD_HEADER_SIZE + 3) & ~3
-        self._peeked_end, self._peeked_count = pos, len(records)
-        return records, pos
-
-    def _copy_payload(self, start: int, n: int) -> bytes:
-        """The payload bytes, joining the two parts of a record that wrapped."""
-        end = start + n
-        if end <= self._data_end:
-            return self._buf[start:end]
-        return self._buf[start:self._data_end] + self._buf[self._data:end - self._capacity]
-
-    def oldest(self) -> bytes | None:
-        """The oldest unconsumed record (e.g. to read the timestamp the app put in it)."""
-        records, _end = self.peek_batch(1, 0)
-        return records[0] if records else None
-
-    def commit(self, end_pos: int) -> None:
-        """Consume every record before ``end_pos``; call only once they are durable."""
-        read_pos, write_pos = self._positions()
-        if not read_pos <= end_pos <= write_pos:
-            raise ValueError(f"commit position {end_pos} outside [{read_pos}, {write_pos}]")
-        if end_pos == self._peeked_end:
-            count = self._peeked_count
-        else:
-            count = self._count_records(read_pos, end_pos, write_pos)
-        base = self._base
-        records_read = _load_u64(self._buf, base + RECORDS_READ) + count
-        self._buf[base + RECORDS_READ:base + RECORDS_READ + 8] = _U64.pack(records_read)
-        self._buf[base + READ_POS:base + READ_POS + 8] = _U64.pack(end_pos)
-        self._peeked_end = -1
-
-    def _count_records(self, pos: int, end_pos: int, write_pos: int) -> int:
-        """Records in ``[pos, end_pos)``; ``end_pos`` must fall on a record boundary."""
-        count = 0
-        while pos < end_pos:
-            _start, n = self._record_at(pos, write_pos)
-            pos += (n + RECORD_HEADER_SIZE + 3) & ~3
-            count += 1
-        if pos != end_pos:
-            raise ValueError(f"commit position {end_pos} is not on a record boundary")
-        return count
-
-    def depth_bytes(self) -> int:
-        """Ring bytes waiting to be consumed (record headers and padding included)."""
-        read_pos = _load_u64(self._buf, self._base + READ_POS)  # first: it only grows
-        return _load_u64(self._buf, self._base + WRITE_POS) - read_pos
-
-    def depth_records(self) -> int:
-        """Records waiting to be consumed (approximate, see ``QueueRings``)."""
-        records_read = _load_u64(self._buf, self._base + RECORDS_READ)
-        return max(0, _load_u64(self._buf, self._base + RECORDS_WRITTEN) - records_read)
-
-    def producer(self) -> tuple[int, int]:
-        """(pid, epoch) of the last producer that took this slot; (0, 0) if none ever did."""
-        pid = _U32.unpack_from(self._buf, self._base + PRODUCER_PID)[0]
-        return pid, _load_u64(self._buf, self._base + PRODUCER_EPOCH)
-
-
-def _load_u64(buf: object, offset: int) -> int:
-    """One aligned 8-byte load."""
-    return _U64.unpack_from(buf, offset)[0]
-
-
-def _check_positions(read_pos: int, write_pos: int, capacity: int, segment: Segment,
-                     slot: int) -> None:
-    """Raise RingCorrupt unless ``read_pos <= write_pos <= read_pos + capacity``."""
-    if not read_pos <= write_pos <= read_pos + capacity:
-        raise RingCorrupt(f"{segment.path} slot {slot}: read position {read_pos} and write "
-                          f"position {write_pos} are impossible for a {capacity}-byte ring")
-
-
-def _check_ring_bytes(ring_bytes: int, error: type[Exception]) -> None:
-    """Ring sizes are positive multiples of 64 below 2 GiB (lengths are u32)."""
-    if not 0 < ring_bytes < MAX_RING_BYTES or ring_bytes % RING_ALIGN:
-        raise error(f"ring_bytes {ring_bytes} must be a positive multiple of {RING_ALIGN} "
-                    f"below {MAX_RING_BYTES}")

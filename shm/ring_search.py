@@ -14,22 +14,27 @@ Races, and why the answer is still right for a record published before the searc
   its record: until then the producer cannot overwrite it. A record the consumer committed in the
   meantime is reported as not found here; the consumer commits only after the record is durable
   elsewhere, which is where the caller looks next.
+- A match is also trusted only if its payload's crc32 matches the record header (layout in
+  ``shm.ring.QueueRings``): a damaged record, or one whose bytes are not visible yet on a weakly
+  ordered CPU, is never returned, and the search goes on to the next match. A slot whose
+  positions are impossible is searched not at all.
 """
 from __future__ import annotations
 
-import struct
+import zlib
 
-from shm.ring import (
+from shm.ring import QueueRings
+from shm.ring_layout import (
     READ_POS,
+    RECORD_ALIGN,
+    RECORD_HEADER,
     RECORD_HEADER_SIZE,
     SLOT_HEADER_SIZE,
+    U64,
     WRITE_POS,
-    QueueRings,
+    positions_possible,
     record_size,
 )
-
-_U64 = struct.Struct("<Q")
-_U32 = struct.Struct("<I")
 
 
 def find_record(rings: QueueRings, slot: int, prefix: bytes) -> bytes | None:
@@ -49,14 +54,16 @@ class _SlotView:
         self.write_pos_at = base + WRITE_POS
 
     def read_pos(self) -> int:
-        return _U64.unpack_from(self.buf, self.read_pos_at)[0]
+        return U64.unpack_from(self.buf, self.read_pos_at)[0]
 
     def find(self, prefix: bytes) -> bytes | None:
         """Search the unconsumed region for a record payload starting with ``prefix``."""
-        write_pos = _U64.unpack_from(self.buf, self.write_pos_at)[0]  # first, see module doc
+        write_pos = U64.unpack_from(self.buf, self.write_pos_at)[0]  # first, see module doc
         read_pos = self.read_pos()
-        if read_pos >= write_pos or not prefix:
+        if read_pos == write_pos or not prefix:
             return None
+        if not positions_possible(read_pos, write_pos, self.capacity):
+            return None  # a damaged slot: its positions map to no records
         for payload_pos in self._matches(prefix, read_pos, write_pos):
             record = self._record_at(payload_pos - RECORD_HEADER_SIZE, read_pos, write_pos)
             if record is not None and record.startswith(prefix):
@@ -96,10 +103,10 @@ class _SlotView:
 
     def _record_at(self, pos: int, read_pos: int, write_pos: int) -> bytes | None:
         """Copy the record starting at absolute ``pos``, if that is a plausible, intact record."""
-        if pos < read_pos or pos % 4:
+        if pos < read_pos or pos % RECORD_ALIGN:
             return None
         at = self.data + pos % self.capacity
-        (n,) = _U32.unpack_from(self.buf, at)
+        n, crc = RECORD_HEADER.unpack_from(self.buf, at)
         if pos + record_size(n) > write_pos:
             return None
         start = at + RECORD_HEADER_SIZE
@@ -111,4 +118,4 @@ class _SlotView:
             payload = self.buf[start:data_end] + self.buf[self.data:end - self.capacity]
         if self.read_pos() > pos:
             return None  # consumed while we copied: the bytes may be a newer record's
-        return payload
+        return payload if zlib.crc32(payload) == crc else None

@@ -243,6 +243,19 @@ def remove_stale_segments(prefix: str, directory: str = DEFAULT_DIRECTORY) -> li
     return sorted(removed)
 
 
+def remove_segment(name: str, directory: str = DEFAULT_DIRECTORY) -> bool:
+    """Unlink one segment by name, whoever created it; False if it was already gone.
+
+    For a successor that took over a dead creator's segments (the data dir lock proves the creator
+    is gone); a live creator's segments are removed with ``unlink`` instead.
+    """
+    try:
+        os.unlink(segment_path(name, directory))
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _check_magic(magic: bytes) -> None:
     """Magic numbers are exactly 8 bytes and never all zeros (zeros mean unfinished)."""
     if len(magic) != MAGIC_SIZE or magic == bytes(MAGIC_SIZE):

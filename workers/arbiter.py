@@ -24,11 +24,12 @@ from gunicorn.arbiter import Arbiter
 
 from conf.logs import set_process_role
 from workers.metrics import mark_process_dead
+from workers.processes import die_with_parent
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 STABLE_AFTER_S = 60.0  # a sidecar that ran this long restarts with the first delay again
-STOP_TIMEOUT_S = 30.0
+STOP_TIMEOUT_S = 30.0       # a sidecar's stop (the writer's drain and handoff), then SIGKILL
 
 
 @dataclasses.dataclass
@@ -113,18 +114,29 @@ class SiraArbiter(Arbiter):
         for sidecar in targets:
             self.signal_sidecar(sidecar, signal.SIGHUP)
 
+    def handle_usr2(self):
+        """gunicorn's binary upgrade (a new master exec'd beside this one) is refused.
+
+        The new master would need this master's data dir lock, rings and sidecars, which belong to
+        one master at a time (workers/instance.py). Upgrade by starting a new instance (a new pod, or
+        SIGTERM then `sira serve`): the successor drains what this one left.
+        """
+        self.log.warning("SIGUSR2 ignored: sira serve does not re-exec in place (one master per data "
+                         "dir); stop it with SIGTERM and start the new version")
+
     # sidecars ------------------------------------------------------------------------------------
 
     def spawn_sidecar(self, sidecar: Sidecar) -> None:
+        master_pid = os.getpid()
         pid = os.fork()
         if pid == 0:
-            self.run_sidecar_child(sidecar)  # never returns
+            self.run_sidecar_child(sidecar, master_pid)  # never returns
         sidecar.pid = pid
         sidecar.started_at = time.monotonic()
         write_pidfile(sidecar.pidfile, pid)
         self.log.info("Started %s (pid: %s)", sidecar.name, pid)
 
-    def run_sidecar_child(self, sidecar: Sidecar) -> None:
+    def run_sidecar_child(self, sidecar: Sidecar, master_pid: int) -> None:
         """In the forked child: reset the master's signal handling, run, and leave with os._exit.
 
         os._exit, because the master's stack (gunicorn, the CLI, the embedded database) must not
@@ -132,6 +144,7 @@ class SiraArbiter(Arbiter):
         """
         code = 1
         try:
+            die_with_parent(master_pid)  # SIGKILLed with the master: no orphan beside its successor
             for sig in self.SIGNALS:
                 signal.signal(sig, signal.SIG_DFL)
             signal.set_wakeup_fd(-1)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import runpy
-import secrets
 import signal
 import sys
 from typing import Any
@@ -31,18 +30,24 @@ from conf.tls import gunicorn_tls_options
 from shm.control import ControlBlock
 from shm.counters import CounterBlock
 from shm.model_stats import stats_cells
-from shm.segment import segment_name
-from workers.arbiter import Sidecar, SiraArbiter
+from shm.segment import remove_segment, segment_name
+from workers.arbiter import Sidecar, SiraArbiter, remove_pidfile
 from workers.bootstrap import prepare_database_at_start
 from workers.credentials import build_authenticator, reload_credentials
-from workers.metrics import mark_worker_dead, prepare_multiprocess_dir
+from workers.instance import dead_predecessor_segments, new_instance_id
+from workers.metrics import mark_worker_dead, prepare_multiprocess_dir, remove_multiprocess_dir
 from workers.modelstore import open_model_store
 from workers.paths import MASTER_PIDFILE, MODELS_DIR, WRITER_PIDFILE, data_path
 from workers.supervisor import CONTROL_KIND, MODEL_STATS_KIND, IN_USE_DIR, first_model_sync, supervisor_sidecar
 from workers.slots import assign_worker_slot, take_worker_slot
-from workers.writer import prediction_log_config, prediction_log_segments, writer_sidecar
+from workers.writer_process import RINGS_KIND, prediction_log_config, prediction_log_segments, writer_sidecar
 
 log = logging.getLogger("sira.master")
+
+# A stop takes at most: this (in-flight requests finish) + the arbiter's STOP_TIMEOUT_S (the writer's
+# drain, and its handoff to the bucket). deploy/k8s's terminationGracePeriodSeconds covers both and
+# the preStop sleep; tests/integration/test_deploy.py computes it from these constants.
+GRACEFUL_TIMEOUT_S = 30
 
 # Signals that stop a worker. One that arrives while a worker boots (before its event loop runs)
 # is lost by the asgi worker, and the master then waits out the whole graceful timeout; so a worker
@@ -133,7 +138,7 @@ class SiraApplication(BaseApplication):
             # JSON lines through the root handler (conf/logs.py); the access log only when asked.
             "logger_class": GunicornJsonLogger,
             "accesslog": "-" if access_log_enabled(settings.access_log, settings.log_level) else None,
-            "graceful_timeout": 30,
+            "graceful_timeout": GRACEFUL_TIMEOUT_S,
             "timeout": 30,
             "limit_request_line": 8190,
             "limit_request_fields": 100,
@@ -174,14 +179,38 @@ class SiraApplication(BaseApplication):
         return BodyDeadline(create_app(self.app_config, worker_slot=self.worker_slot), self.settings.body_timeout_s)
 
 
+def take_over_predecessors(instance_id: str) -> tuple[str, ...]:
+    """What dead instances of this data dir left in /dev/shm: their rings to drain, the rest removed.
+
+    Called with the data dir lock held (workers/instance.py), so none of them runs. Their queue rings
+    may hold answered predictions that never reached Postgres: the writer drains them and then
+    removes them. Every other segment (control block, cache, counters) only served the dead
+    instance and goes now.
+    """
+    rings = []
+    for left in dead_predecessor_segments(instance_id):
+        if left.kind == RINGS_KIND:
+            rings.append(left.name)
+        else:
+            remove_segment(left.name)
+    if rings:
+        log.warning("taking over the prediction rings a stopped instance of this data dir left: %s",
+                    ", ".join(rings))
+    return tuple(rings)
+
+
 def serve(settings: Settings, dsn: str) -> None:
     """Prepare shared state, then hand the process to gunicorn's arbiter until it stops."""
     set_process_role("master")
     check_metrics_bind(settings.bind, settings.metrics_bind)  # --bind may have moved SIRA_BIND
     os.makedirs(data_path(settings.data_dir), exist_ok=True)
-    prepare_multiprocess_dir(settings.data_dir)  # before anything forks: every child inherits it
+    # With the data dir lock held, a pidfile is a dead predecessor's: gunicorn would refuse to start if
+    # its pid now named another process (pids restart with a container).
+    remove_pidfile(data_path(settings.data_dir, MASTER_PIDFILE))
+    metrics_folder = prepare_multiprocess_dir(settings.data_dir)  # before anything forks: children inherit it
     database_ready = prepare_models(settings, dsn)
-    instance_id = f"{os.getpid()}_{secrets.token_hex(4)}"  # names this serve's shm segments
+    instance_id = new_instance_id(settings.data_dir)  # names this serve's shm segments
+    adopted_rings = take_over_predecessors(instance_id)
     control_segment = segment_name(instance_id, CONTROL_KIND)
     model_stats_segment = segment_name(instance_id, MODEL_STATS_KIND)
     app_config = AppConfig(
@@ -196,7 +225,7 @@ def serve(settings: Settings, dsn: str) -> None:
         model_stats_segment=model_stats_segment,
         canary_budget_ms=settings.canary_budget_ms,
         database_url=dsn,
-        prediction_log=prediction_log_config(settings, dsn, instance_id),
+        prediction_log=prediction_log_config(settings, dsn, instance_id, adopted_rings),
         metrics_port=int(settings.metrics_bind.rpartition(":")[2]) if settings.metrics_bind else None,
         rate_limit_segment=rate_limit_segment_name(instance_id),
         rate_limits=settings.rate_limits,
@@ -206,10 +235,15 @@ def serve(settings: Settings, dsn: str) -> None:
     writer = writer_sidecar(app_config.prediction_log, data_path(settings.data_dir, WRITER_PIDFILE))
     supervisor = supervisor_sidecar(settings, dsn, control_segment, model_stats_segment,
                                     bootstrap_pending=not database_ready)
-    with ControlBlock.create(control_segment) as control, \
-            CounterBlock.create(model_stats_segment, stats_cells(settings.workers)), \
-            shared_cache(app_config.cache_segment, settings.cache_max_items, settings.cache_ttl_ms), \
-            shared_rate_limits(app_config.rate_limit_segment), \
-            prediction_log_segments(app_config.prediction_log):
-        first_model_sync(settings, dsn, control)  # workers boot with the models; the supervisor goes on
-        SiraApplication(settings, app_config, [supervisor, writer]).run()
+    master_pid = os.getpid()
+    try:
+        with ControlBlock.create(control_segment) as control, \
+                CounterBlock.create(model_stats_segment, stats_cells(settings.workers)), \
+                shared_cache(app_config.cache_segment, settings.cache_max_items, settings.cache_ttl_ms), \
+                shared_rate_limits(app_config.rate_limit_segment), \
+                prediction_log_segments(app_config.prediction_log):
+            first_model_sync(settings, dsn, control)  # workers boot with the models; the supervisor goes on
+            SiraApplication(settings, app_config, [supervisor, writer]).run()
+    finally:
+        if os.getpid() == master_pid:  # forked workers unwind this stack too
+            remove_multiprocess_dir(metrics_folder)

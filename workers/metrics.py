@@ -5,32 +5,50 @@ Every process of a `sira serve` writes its metric values to its own files in one
 PROMETHEUS_MULTIPROC_DIR before it forks anything, so every child inherits it; when a worker or a
 sidecar dies, its files of live gauges are removed (counters stay: they are what makes a total
 survive a restart). prometheus_client is imported here only after the variable is set.
+
+The folder lives in /dev/shm (``sira-<data dir key>-metrics``), not in the data dir: prometheus_client
+maps its files and grows them sparse, and a page first touched on a full filesystem kills the process
+with SIGBUS. The data dir is where the prediction spool fills up, so there every worker would die and
+be restarted into the same death; /dev/shm holds only the preallocated segments beside it.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 
 from app.metrics import MULTIPROC_ENV
-from workers.paths import data_path
+from shm.segment import DEFAULT_DIRECTORY, NAME_PREFIX
+from workers.instance import data_dir_key
 
-METRICS_DIR = "metrics"
+
+def metrics_dir(data_dir: str, directory: str = DEFAULT_DIRECTORY) -> str:
+    """The metrics folder of the instances of ``data_dir``."""
+    return os.path.join(directory, f"{NAME_PREFIX}{data_dir_key(data_dir)}-metrics")
 
 
-def prepare_multiprocess_dir(data_dir: str) -> str:
-    """Empty `<data dir>/metrics` and point PROMETHEUS_MULTIPROC_DIR at it; before anything forks."""
+def prepare_multiprocess_dir(data_dir: str, directory: str = DEFAULT_DIRECTORY) -> str:
+    """Empty the metrics folder and point PROMETHEUS_MULTIPROC_DIR at it; before anything forks.
+
+    Call it with the data dir lock held: the folder may hold the values of a dead predecessor.
+    """
     values = sys.modules.get("prometheus_client.values")
     if values is not None and not getattr(values.ValueClass, "_multiprocess", False):
         raise RuntimeError("prometheus_client was imported before its multiprocess folder was set: "
                            "the workers' metrics would not add up")
-    path = data_path(data_dir, METRICS_DIR)
-    os.makedirs(path, exist_ok=True)
+    path = metrics_dir(data_dir, directory)
+    os.makedirs(path, mode=0o700, exist_ok=True)
     for name in os.listdir(path):
         if name.endswith(".db"):  # values of an earlier run: counters restart with the server
             os.unlink(os.path.join(path, name))
     os.environ[MULTIPROC_ENV] = path
     return path
+
+
+def remove_multiprocess_dir(path: str) -> None:
+    """At the master's exit: the folder goes with the instance (a successor starts it empty anyway)."""
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def mark_process_dead(pid: int) -> None:

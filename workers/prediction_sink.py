@@ -45,6 +45,8 @@ CROSS JOIN LATERAL jsonb_to_record(i.r) AS p(prediction_id uuid, event_id text, 
     trace_id text)
 ON CONFLICT (prediction_id) DO NOTHING
 """
+# A handed-off object (workers/spool_handoff.py) is replayed by one writer at a time, under this lock.
+CLAIM_SQL = "SELECT pg_try_advisory_xact_lock(hashtextextended(%s, 0))"
 # Postgres refuses these rows as data: retried row by row, then set aside.
 ROW_ERRORS = (psycopg.DataError, psycopg.IntegrityError)
 
@@ -94,6 +96,23 @@ class PostgresSink:
             raise DatabaseAway(str(exc).strip().splitlines()[0] if str(exc).strip() else
                                type(exc).__name__) from exc
 
+    async def write_claimed(self, claim: str, records: list[bytes]) -> bool:
+        """Commit ``records`` while holding the advisory lock named ``claim``; False if another holds it.
+
+        Rows Postgres refuses as data are retried through ``write`` without the claim: the insert
+        is idempotent, the claim only keeps two writers from doing the same work at once.
+        """
+        try:
+            async with asyncio.timeout(WRITE_TIMEOUT_S):
+                try:
+                    return await self._insert(records, claim)
+                except ROW_ERRORS:
+                    await self.write(records)
+                    return True
+        except (psycopg.Error, TimeoutError) as exc:
+            raise DatabaseAway(str(exc).strip().splitlines()[0] if str(exc).strip() else
+                               type(exc).__name__) from exc
+
     async def reachable(self) -> bool:
         """One round trip, to learn that Postgres is back."""
         try:
@@ -104,16 +123,23 @@ class PostgresSink:
         except (psycopg.Error, TimeoutError):
             return False
 
-    async def _insert(self, records: list[bytes]) -> None:
+    async def _insert(self, records: list[bytes], claim: str | None = None) -> bool:
+        """One transaction: COPY, INSERT, COMMIT; with ``claim``, only if its lock is free (else False)."""
         # COPY text format: a record is one line (orjson escapes control characters); only the
         # backslash is special.
         data = b"\n".join(records).replace(b"\\", b"\\\\") + b"\n"
         async with self.pool.connection(timeout=RETRY_S) as conn:
             async with conn.cursor() as cursor:
+                if claim is not None:
+                    await cursor.execute(CLAIM_SQL, (claim,))
+                    if not (await cursor.fetchone())[0]:
+                        await conn.rollback()
+                        return False
                 async with cursor.copy(COPY_SQL) as copy:
                     await copy.write(data)
                 await cursor.execute(INSERT_SQL)
             await conn.commit()
+        return True
 
     async def _insert_row_by_row(self, records: list[bytes]) -> None:
         rejected = []

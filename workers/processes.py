@@ -1,9 +1,11 @@
-"""Whether a process is alive, by pid: the one check the writer's spool, the supervisor and the
-embedded Postgres share."""
+"""Process checks the master's children share: whether a pid is alive (the writer's spool, the
+supervisor, the embedded Postgres), and dying with the parent (the sidecars)."""
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 
 
 def process_exists(pid: int) -> bool:
@@ -15,3 +17,19 @@ def process_exists(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
+    """In a freshly forked child: receive ``sig`` when the parent dies (Linux's PR_SET_PDEATHSIG).
+
+    So a sidecar never outlives a master that was SIGKILLed (an orphan writer would drain the rings
+    beside the next instance). If the parent died before the call, the child exits at once.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os._exit(1)

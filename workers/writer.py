@@ -17,39 +17,40 @@ the disk holds while time allows, exit 0. The master stops the HTTP workers firs
 appended behind the drain, and if the rings still hold records when the master leaves (a writer
 that was down at that moment) the master drains them itself (``prediction_log_segments``).
 
+The rings include those a dead instance of the data dir left (``workers/writer_rings.py``, which also
+sets damaged records aside). Disk errors never end the writer (``app/predlog_disk.py``): what could not
+be written stays where it was and is tried again. With Postgres away at stop, the spool is handed to
+the bucket, and handed-off spools of any instance are replayed here (``workers/spool_handoff.py``).
+The process around this class: ``workers/writer_process.py``.
+
 Counters go to the counter block (``app.predlog.Stat``) for metrics.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
 
-import orjson
-
-from app.predlog import PredictionLogConfig, Stat, stat_cells
-from conf.settings import Settings
+from app.predlog import PredictionLogConfig, Stat
+from app.predlog_disk import DiskTrouble
 from shm.counters import CounterBlock
-from shm.ring import QueueRings, RingReader
-from shm.segment import segment_name
-from workers.arbiter import Sidecar
-from workers.paths import data_path
+from shm.ring import QueueRings
 from workers.prediction_sink import DatabaseAway, PostgresSink
 from workers.retry import Backoff
 from workers.spool import BatchSpool, OverflowFiles, SpoolCorrupt
+from workers.spool_handoff import BATCHES, OVERFLOW, HandoffError, SpoolHandoff
+from workers.writer_rings import RingSet
 
 log = logging.getLogger("sira.writer")
 
 POLL_S = 0.01                # idle wait between two looks at the rings
 HOUSEKEEPING_S = 0.5         # counters that need a scan (ages, files)
-STOP_DEADLINE_S = 25.0       # the master waits 30 s for the writer to stop
-RING_BATCH_BYTES = 16 * 1024 * 1024
+STOP_DEADLINE_S = 25.0       # drain, replay and handoff; the master waits STOP_TIMEOUT_S (30 s) for the writer
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+HANDOFF_POLL_S = 30.0        # how often the bucket's handoff prefix is listed while nothing is queued
 RECONNECT_FIRST_S = 0.5      # Postgres away: probed after 0.5, 1, 2, 4, 5, 5 ... s, jittered (workers/retry.py)
 RECONNECT_MAX_S = 5.0
 
@@ -58,18 +59,25 @@ class PredictionWriter:
     """Moves prediction records from the rings (and the disk) into Postgres; see the module doc."""
 
     def __init__(self, config: PredictionLogConfig, rings: QueueRings, stats: CounterBlock,
-                 spool: BatchSpool, sink: PostgresSink) -> None:
+                 spool: BatchSpool, sink: PostgresSink, adopted: list[QueueRings] | None = None,
+                 handoff: SpoolHandoff | None = None) -> None:
         self.config = config
         self.rings = rings
         self.stats = stats
         self.spool = spool
         self.sink = sink
-        self.readers: list[RingReader] = [rings.reader(slot) for slot in range(rings.slots)]
+        self.disk = DiskTrouble(lambda reason: stats.add(Stat.WRITER_DISK_ERRORS + reason), log, "prediction writer")
+        self.rings_set = RingSet(rings, adopted or [], stats, config.corrupt_dir, self.disk)
         self.overflow = OverflowFiles(config.overflow_dir, config.instance_id,
-                                      lambda slot: self.readers[slot].producer()[1])
+                                      lambda slot: self.rings_set.own[slot].producer()[1])
         self.database_up = True  # until a write says otherwise
+        self.spool_ready = False     # opened (counted) in the first step; again after a disk error
+        self.overflow_bytes = 0      # the workers' overflow files share the spool's budget
+        self.handoff = handoff       # the bucket's handed-off spool (workers/spool_handoff.py)
+        self._handoff_keys: list[str] = []
+        self._handoff_check_at = 0.0
+        self._handoff_failing = False
         self.stopping = asyncio.Event()
-        self._next_slot = 0
         self._retry_at = 0.0
         self._reconnect_backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
         self._housekeeping_at = 0.0
@@ -84,7 +92,7 @@ class PredictionWriter:
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: None)  # a re-sync is not for the writer
         self.stats.set(Stat.WRITER_PID, os.getpid())
-        log.info("prediction writer started (pid %d, %d rings)", os.getpid(), len(self.readers))
+        log.info("prediction writer started (pid %d, %d rings)", os.getpid(), len(self.rings_set.readers))
         while not self.stopping.is_set():
             started = time.monotonic()
             moved, replayed = await self.step()
@@ -110,6 +118,7 @@ class PredictionWriter:
 
     async def step(self) -> tuple[int, bool]:
         """One ring batch, then one backlog item: (records moved from the rings, whether one was replayed)."""
+        self.open_spool()
         await self._maybe_reconnect()
         moved = await self.move_ring_batch()
         replayed = await self.replay_one() if self.database_up else False
@@ -118,44 +127,34 @@ class PredictionWriter:
 
     async def drain(self, deadline: float) -> None:
         """Empty every ring (to Postgres or the spool), then replay the disk while time allows."""
+        self.open_spool()
         while time.monotonic() < deadline:
             await self._maybe_reconnect()
-            if not await self.move_ring_batch(force=True):
-                break
-        left = sum(reader.depth_records() for reader in self.readers)
+            damage_before = self.rings_set.damage_set_aside
+            if not await self.move_ring_batch(force=True) and self.rings_set.damage_set_aside == damage_before:
+                break  # empty, or nowhere to put it now (a damaged record set aside: look again)
+        left = self.rings_set.waiting_records()
         if left:
             log.error("prediction writer stops with %d records still in the rings", left)
         self._retry_at = 0.0  # Postgres may be back by now: look before giving up on the replay
         await self._maybe_reconnect()
         while self.database_up and time.monotonic() < deadline and await self.replay_one():
             pass
-        self.overflow.make_durable()
+        try:
+            self.overflow.make_durable()
+        except OSError as exc:
+            self.disk.failed("syncing the overflow files", exc, "they stay as the workers left them")
+        if not self.database_up and self.handoff is not None:
+            await self.hand_off_disk(deadline)
         self._housekeeping(force=True)
         log.info("prediction writer drained: %d spool batches and %d overflow files wait for the "
                  "next start", self.spool.batches, self.overflow.waiting())
 
     # -- rings ------------------------------------------------------------------------------------
 
-    def take_ring_batch(self) -> tuple[list[bytes], list[tuple[RingReader, int]]]:
-        """Up to batch_rows records from the rings, each slot in turn; with the positions to commit."""
-        records: list[bytes] = []
-        ends: list[tuple[RingReader, int]] = []
-        count = len(self.readers)
-        for i in range(count):
-            reader = self.readers[(self._next_slot + i) % count]
-            room = self.config.batch_rows - len(records)
-            if room <= 0:
-                break
-            part, end = reader.peek_batch(room, RING_BATCH_BYTES)
-            if part:
-                records.extend(part)
-                ends.append((reader, end))
-        self._next_slot = (self._next_slot + 1) % count
-        return records, ends
-
     async def move_ring_batch(self, force: bool = False) -> int:
         """Move one ring batch to Postgres, or to the spool; the rings advance only after that."""
-        records, ends = self.take_ring_batch()
+        records, ends = self.rings_set.take(self.config.batch_rows, force)
         if not records:
             return 0
         written = self.database_up and await self.write_rows(records)
@@ -165,9 +164,24 @@ class PredictionWriter:
             reader.commit(end)
         return len(records)
 
+    def open_spool(self) -> None:
+        """Count what the spool holds, once; after a failure (EMFILE, EIO), again at the next step."""
+        if self.spool_ready:
+            return
+        try:
+            self.spool.open()
+        except OSError as exc:
+            self.disk.failed(f"opening the spool {self.spool.directory}", exc,
+                             "Postgres still gets the rings; spooling waits until it opens")
+            return
+        self.disk.ok()
+        self.spool_ready = True
+
     def spool_batch(self, records: list[bytes], force: bool) -> bool:
         """Postgres is away: keep the batch on disk. False when it must stay in the rings."""
-        if not force and not self.spool.has_room():
+        if not self.spool_ready:
+            return False
+        if not force and not self.spool.has_room(self.overflow_bytes):
             if not self._spool_full_logged:
                 log.error("prediction spool is full (SIRA_SPOOL_MAX_BYTES=%d): new predictions wait "
                           "in the rings, then in the workers' overflow files", self.spool.max_bytes)
@@ -177,8 +191,9 @@ class PredictionWriter:
         try:
             self.spool.append(records, force=True)
         except OSError as exc:
-            log.error("prediction spool write failed (%s): the batch stays in the rings", exc)
+            self.disk.failed("spooling a batch", exc, "new predictions wait in the rings")
             return False
+        self.disk.ok()
         self.stats.add(Stat.ROWS_SPOOLED, len(records))
         return True
 
@@ -192,6 +207,9 @@ class PredictionWriter:
             await self.sink.write(records)
         except DatabaseAway as exc:
             self._database_away(exc)
+            return False
+        except OSError as exc:  # rows Postgres refused could not be kept under rejected/
+            self.disk.failed("keeping rows Postgres refused", exc, "their batch stays where it is")
             return False
         elapsed_us = int((time.perf_counter() - started) * 1e6)
         stats = self.stats
@@ -226,7 +244,23 @@ class PredictionWriter:
     # -- backlog on disk --------------------------------------------------------------------------
 
     async def replay_one(self) -> bool:
-        """Replay the oldest spooled batch, else one ready overflow file; True if one went in."""
+        """Replay the oldest spooled batch, else one ready overflow file; True if one went in.
+
+        A disk error leaves the files where they are until the next round (nothing is removed
+        before Postgres committed its rows).
+        """
+        if not self.spool_ready:
+            return False
+        try:
+            replayed = await self._replay_one()
+        except OSError as exc:
+            self.disk.failed("replaying the spool", exc, "its files wait on disk")
+            return False
+        if replayed:
+            self.disk.ok()
+        return replayed
+
+    async def _replay_one(self) -> bool:
         try:
             batch = self.spool.oldest()
         except SpoolCorrupt as exc:  # set aside by oldest(); look again next time
@@ -248,7 +282,86 @@ class PredictionWriter:
             self.overflow.remove(item)
             self.stats.add(Stat.ROWS_REPLAYED, len(item.records))
             return True
-        return False
+        return await self.replay_handed_off()
+
+    # -- the bucket: the spool outlives the pod ---------------------------------------------------
+
+    async def hand_off_disk(self, deadline: float) -> None:
+        """Postgres is still away at stop: upload every spool batch and overflow file to the bucket."""
+        try:
+            files = [(BATCHES, path) for path in self.spool.paths()] + \
+                [(OVERFLOW, path) for path in self.overflow.ready()]
+        except OSError as exc:
+            self.disk.failed("listing the spool for the bucket", exc, "it stays on disk")
+            return
+        handed = 0
+        for kind, path in files:
+            if time.monotonic() >= deadline:
+                log.error("prediction writer: out of time handing the spool to %s; %d files stay on disk",
+                          self.handoff.describe(), len(files) - handed)
+                return
+            try:
+                await asyncio.to_thread(self.handoff.hand_off, self.config.instance_id, kind, path)
+            except (HandoffError, OSError) as exc:
+                log.error("prediction writer: handing %s to the bucket failed (%s); %d files stay on disk",
+                          path, exc, len(files) - handed)
+                return
+            handed += 1
+        if handed:
+            log.warning("Postgres is away at stop: %d spool and overflow files handed to %s; any instance "
+                        "replays them once Postgres answers", handed, self.handoff.describe())
+
+    async def replay_handed_off(self) -> bool:
+        """Replay one object the bucket holds (any instance's); True if one was done."""
+        if self.handoff is None or not await self._has_handoff_keys():
+            return False
+        key = self._handoff_keys.pop(0)
+        try:
+            item = await asyncio.to_thread(self.handoff.read, key)
+        except (HandoffError, SpoolCorrupt) as exc:
+            self._handoff_trouble(exc)  # a damaged object stays in the bucket for a person to see
+            return False
+        if item is None:
+            return True  # another writer replayed it meanwhile
+        try:
+            claimed = await self.sink.write_claimed(key, item.records)
+        except DatabaseAway as exc:
+            self._handoff_keys.insert(0, key)
+            self._database_away(exc)
+            return False
+        if claimed:
+            self.stats.add(Stat.ROWS_WRITTEN, len(item.records))
+            self.stats.add(Stat.ROWS_REPLAYED, len(item.records))
+            try:
+                await asyncio.to_thread(self.handoff.delete, key)
+            except HandoffError as exc:  # replayed again later: the insert is idempotent
+                self._handoff_trouble(exc)
+        return True
+
+    async def _has_handoff_keys(self) -> bool:
+        """List the bucket's handoff prefix at most every HANDOFF_POLL_S, when nothing is queued."""
+        if self._handoff_keys:
+            return True
+        if time.monotonic() < self._handoff_check_at:
+            return False
+        self._handoff_check_at = time.monotonic() + HANDOFF_POLL_S
+        try:
+            self._handoff_keys = await asyncio.to_thread(self.handoff.keys)
+        except HandoffError as exc:
+            self._handoff_trouble(exc)
+            return False
+        if self._handoff_failing:
+            log.info("the bucket answers again: %s", self.handoff.describe())
+            self._handoff_failing = False
+        if self._handoff_keys:
+            log.warning("replaying %d spool objects other instances handed to %s", len(self._handoff_keys),
+                        self.handoff.describe())
+        return bool(self._handoff_keys)
+
+    def _handoff_trouble(self, exc: Exception) -> None:
+        if not self._handoff_failing:
+            log.error("prediction writer: the handed-off spool cannot be replayed now: %s", exc)
+            self._handoff_failing = True
 
     # -- counters ---------------------------------------------------------------------------------
 
@@ -260,147 +373,16 @@ class PredictionWriter:
         if not force and now < self._housekeeping_at:
             return
         self._housekeeping_at = now + HOUSEKEEPING_S
+        self.rings_set.release_drained_adopted()
+        stats.set(Stat.ADOPTED_RECORDS, self.rings_set.adopted_records())
+        try:
+            self.overflow_bytes = self.overflow.bytes_waiting()
+            stats.set(Stat.OVERFLOW_FILES, self.overflow.waiting())
+        except OSError as exc:
+            self.disk.failed("counting the overflow files", exc, "their figures are stale")
+        stats.set(Stat.OVERFLOW_BYTES, self.overflow_bytes)
         stats.set(Stat.SPOOL_BYTES, self.spool.bytes_used)
         stats.set(Stat.SPOOL_BATCHES, self.spool.batches)
-        stats.set(Stat.SPOOL_FULL, 0 if self.spool.has_room() else 1)
-        stats.set(Stat.OVERFLOW_FILES, self.overflow.waiting())
+        stats.set(Stat.SPOOL_FULL, 0 if self.spool.has_room(self.overflow_bytes) else 1)
         stats.set(Stat.DATABASE_UP, 1 if self.database_up else 0)
-        stats.set(Stat.OLDEST_UNWRITTEN_MS, int(self.oldest_unwritten_s() * 1000))
-
-    def oldest_unwritten_s(self) -> float:
-        """Age of the oldest record still waiting in any ring (0 when they are empty)."""
-        oldest = None
-        for reader in self.readers:
-            record = reader.oldest()
-            if record is None:
-                continue
-            with contextlib.suppress(orjson.JSONDecodeError, KeyError, TypeError):
-                created = orjson.loads(record)["created_at"]
-                oldest = created if oldest is None else min(oldest, created)
-        return 0.0 if oldest is None else max(0.0, time.time() - oldest)
-
-
-# -- the process --------------------------------------------------------------------------------
-
-async def writer_main(config: PredictionLogConfig, until_stopped: bool = True) -> int:
-    """Attach, drain (until SIGTERM, or only once when ``until_stopped`` is false), close."""
-    rings = QueueRings.attach(config.rings_segment)
-    stats = CounterBlock.attach(config.stats_segment)
-    spool = BatchSpool(config.batches_dir, config.spool_max_bytes).open()
-    sink = PostgresSink(config.database_url, config.rejected_dir)
-    try:
-        await sink.open()
-        writer = PredictionWriter(config, rings, stats, spool, sink)
-        if until_stopped:
-            return await writer.run()
-        await writer.drain(time.monotonic() + STOP_DEADLINE_S)
-        return 0
-    finally:
-        await sink.close()
-        spool.close()
-        stats.close()
-        rings.close()
-
-
-def run_writer(config: PredictionLogConfig) -> int:
-    """The writer sidecar's entry point, in the child the master forked."""
-    import uvloop
-
-    # The pool warns at every failed connection attempt; the writer says once that Postgres is away
-    # and once that it is back (one line per change, not per retry).
-    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
-    return uvloop.run(writer_main(config))
-
-
-# -- in the master ------------------------------------------------------------------------------
-
-RINGS_KIND = "predlog"
-STATS_KIND = "predstats"
-SPOOL_DIR = "spool"
-
-
-def prediction_log_config(settings: Settings, dsn: str, instance_id: str) -> PredictionLogConfig:
-    """The prediction log of one ``sira serve``: one ring per worker, the spool in the data dir."""
-    return PredictionLogConfig(
-        instance_id=instance_id,
-        rings_segment=segment_name(instance_id, RINGS_KIND),
-        stats_segment=segment_name(instance_id, STATS_KIND),
-        slots=settings.workers,
-        ring_bytes=settings.queue_ring_bytes,
-        spool_dir=data_path(settings.data_dir, SPOOL_DIR),
-        database_url=dsn,
-        spool_max_bytes=settings.spool_max_bytes,
-        batch_rows=settings.writer_batch_rows,
-        linger_s=settings.writer_linger_ms / 1000.0,
-    )
-
-
-def writer_sidecar(config: PredictionLogConfig, pidfile: str) -> Sidecar:
-    """The writer as a sidecar of the master (restarted with backoff, stopped after the workers)."""
-    return Sidecar(name="writer", run=functools.partial(run_writer, config), pidfile=pidfile)
-
-
-@contextlib.contextmanager
-def prediction_log_segments(config: PredictionLogConfig) -> Iterator[None]:
-    """The master creates the rings and counters before the fork, and removes them when this exits.
-
-    At exit the writer has stopped (sidecars stop after the workers). Rings that still hold records
-    (the writer was down at that moment) are drained here first, to Postgres or the spool; rings
-    that cannot be drained stay in /dev/shm, named in the log, rather than be lost. Forked workers
-    unwind the master's stack through here too: they only unmap.
-    """
-    for directory in (config.spool_dir, config.overflow_dir, config.batches_dir):
-        os.makedirs(directory, exist_ok=True)
-    rings = QueueRings.create(config.rings_segment, config.slots, config.ring_bytes)
-    stats = None
-    try:
-        stats = CounterBlock.create(config.stats_segment, stat_cells(config.slots))
-        stats.set(Stat.DATABASE_UP, 1)
-        yield
-    finally:
-        in_master = rings.segment.is_owner
-        drained = drain_left_behind(config, rings) if in_master and stats is not None else True
-        rings.close()
-        if stats is not None:
-            stats.close()
-        if in_master:
-            if drained:
-                rings.unlink()
-            if stats is not None:
-                stats.unlink()
-
-
-def drain_left_behind(config: PredictionLogConfig, rings: QueueRings) -> bool:
-    """In the master at exit: drain what no writer took. False if records are still there."""
-    if not any(rings.reader(slot).depth_bytes() for slot in range(rings.slots)):
-        return True
-    log.warning("the rings still hold prediction records at exit: draining them now")
-    import uvloop
-
-    try:
-        uvloop.run(writer_main(config, until_stopped=False))
-    except Exception:
-        log.exception("draining the rings at exit failed")
-    left = sum(rings.reader(slot).depth_bytes() for slot in range(rings.slots))
-    if left:
-        log.error("%d bytes of prediction records stay in %s", left, rings.segment.path)
-    return not left
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run a writer on its own (tests, benchmarks): ``python -m workers.writer CONFIG_JSON``."""
-    import dataclasses
-    import sys
-
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m workers.writer '<PredictionLogConfig as JSON>'", file=sys.stderr)
-        return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    fields = orjson.loads(args[0])
-    config = PredictionLogConfig(**{f.name: fields[f.name] for f in dataclasses.fields(PredictionLogConfig)})
-    return run_writer(config)
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        stats.set(Stat.OLDEST_UNWRITTEN_MS, int(self.rings_set.oldest_unwritten_s() * 1000))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import glob
 import os
 import random
 import time
@@ -32,9 +31,9 @@ def with_options(request: dict, **options) -> dict:
     return {**request, "event_id": str(uuid.uuid4()), "options": options}
 
 
-def cache_segments(master_pid: int) -> list[str]:
-    """The cache segments named after this master (sira-<pid>_<random>-cache)."""
-    return glob.glob(f"/dev/shm/sira-{master_pid}_*-cache")
+def cache_segments(server: SiraServer) -> list[str]:
+    """The cache segments of this server's master (sira-<data dir key>_<pid>_<random>-cache)."""
+    return sorted(f"/dev/shm/{name}" for name in server.segments(server.master_pid) if name.endswith("-cache"))
 
 
 def post_fresh(server: SiraServer, request: dict) -> tuple[dict, int]:
@@ -153,7 +152,7 @@ def test_batch_items_use_the_cache_one_by_one(client):
 
 def test_the_master_creates_one_cache_segment_and_removes_it_at_exit(server_factory):
     server = server_factory(workers=2, CACHE_MAX_ITEMS="1000")
-    segments = cache_segments(server.master_pid)
+    segments = cache_segments(server)
     assert len(segments) == 1
     assert server.stop() == 0
     assert not any(os.path.exists(path) for path in segments)
@@ -161,7 +160,7 @@ def test_the_master_creates_one_cache_segment_and_removes_it_at_exit(server_fact
 
 def test_cache_max_items_zero_turns_the_cache_off(server_factory):
     server = server_factory(workers=2, CACHE_MAX_ITEMS="0")
-    assert cache_segments(server.master_pid) == []
+    assert cache_segments(server) == []
     request = event()
     with httpx.Client(base_url=server.url, headers=bearer("sira_service"), timeout=10) as client:
         assert [infer(client, request)["cached"] for _ in range(5)] == [False] * 5

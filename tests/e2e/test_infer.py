@@ -64,6 +64,7 @@ def test_valid_request_gets_every_field_of_the_contract(client, server):
     assert set(body) == {"prediction_id", "model_id", "model_role", "score", "decision",
                          "explain_summary", "latency_ms", "cached"}
     assert str(uuid.UUID(body["prediction_id"])) == body["prediction_id"]
+    assert uuid.UUID(body["prediction_id"]).version == 7  # time-ordered (app/ids.py)
     assert body["model_id"] == ready["models"]["fraud_score"]["model_id"]
     assert body["model_role"] == "production" and body["cached"] is False
     assert 0.0 <= body["score"] <= 1.0

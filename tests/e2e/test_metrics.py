@@ -53,7 +53,9 @@ def exported_names(samples: dict[Sample, float]) -> set[str]:
 
 
 def metrics_dir(server: SiraServer) -> str:
-    return os.path.join(server.data_dir, "metrics")
+    from workers.metrics import metrics_dir as folder_of
+
+    return folder_of(server.data_dir)
 
 
 def counts_by_worker(metrics_dir: str) -> dict[int, float]:

@@ -125,8 +125,7 @@ def test_a_killed_workers_ring_is_drained_and_its_successor_takes_its_slot(serve
 
     server = server_factory(workers=2)
     writer = wait_for(lambda: writer_pid(server), "the writer")
-    (segment,) = [name for name in os.listdir("/dev/shm")
-                  if name.startswith(f"sira-{server.master_pid}_") and name.endswith("-predlog")]
+    (segment,) = [name for name in server.segments(server.master_pid) if name.endswith("-predlog")]
     rings = QueueRings.attach(segment)
     try:
         def producers() -> dict[int, tuple[int, int]]:

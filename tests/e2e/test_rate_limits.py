@@ -119,7 +119,7 @@ def test_every_limited_role_has_its_counter_from_the_start(server):
 
 
 def test_stopping_removes_the_rate_limit_segment(server):
-    own = [name for name in os.listdir("/dev/shm") if name.startswith(f"sira-{server.master_pid}_")]
+    own = server.segments(server.master_pid)
     assert [name for name in own if name.endswith("-ratelimit")], own
     assert server.stop() == 0
     assert not [name for name in os.listdir("/dev/shm") if name in own]

@@ -50,8 +50,8 @@ def test_signal_stops_cleanly_leaving_no_process_or_segment(server_factory, sig)
     server = server_factory(workers=2)
     tree = process_tree(server.master_pid)
     assert len(tree) >= 3
-    # This instance's segments (named after its master's pid): other servers may run beside it.
-    own = {name for name in sira_segments() if name.startswith(f"sira-{server.master_pid}_")}
+    # This instance's segments (named after its data dir and master): other servers may run beside it.
+    own = server.segments(server.master_pid)
     assert {name.rsplit("-", 1)[1] for name in own} >= {"control", "cache"}
     assert server.stop(sig) == 0
     assert server.leftover_pids(tree) == []

@@ -45,7 +45,6 @@ SEED_PANELS = ("Requests/sec", "P95 Latency", "Error Rate", "Request Rate by Pro
 # Variables the manifests may set that are not SIRA settings: the AWS SDK reads them itself.
 AWS_VARIABLES = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_REGION",
                  "AWS_DEFAULT_REGION", "AWS_ROLE_ARN", "AWS_WEB_IDENTITY_TOKEN_FILE"}
-GRACEFUL_TIMEOUT_S = 30  # gunicorn's graceful_timeout in workers/master.py
 
 
 # -- loading ------------------------------------------------------------------------------------
@@ -451,7 +450,7 @@ def test_deployment_runs_hardened_non_root_with_writable_emptydirs():
 
 
 def test_deployment_probes_resources_and_shutdown_fit_the_server():
-    spec, main = pod_spec(), container()
+    main = container()
     http_port = {port["name"]: port["containerPort"] for port in main["ports"]}["http"]
     assert http_port == port_of(config_map_data()["SIRA_BIND"])
     assert main["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -466,7 +465,42 @@ def test_deployment_probes_resources_and_shutdown_fit_the_server():
     assert int(config_map_data()["SIRA_WORKERS"]) == int(resources["requests"]["cpu"])
     command = main["lifecycle"]["preStop"]["exec"]["command"]
     assert command[0] == "sleep"
-    assert spec["terminationGracePeriodSeconds"] > int(command[1]) + GRACEFUL_TIMEOUT_S
+
+
+def test_grace_period_covers_prestop_in_flight_requests_and_the_writers_stop():
+    """Computed from the code's own constants, so that neither side can drift."""
+    from workers.arbiter import STOP_TIMEOUT_S
+    from workers.master import GRACEFUL_TIMEOUT_S
+    from workers.writer import STOP_DEADLINE_S
+
+    spec = pod_spec()
+    pre_stop_s = int(container()["lifecycle"]["preStop"]["exec"]["command"][1])
+    assert STOP_DEADLINE_S < STOP_TIMEOUT_S  # the writer ends its drain and handoff before the master kills it
+    needed = pre_stop_s + GRACEFUL_TIMEOUT_S + STOP_TIMEOUT_S
+    assert spec["terminationGracePeriodSeconds"] >= needed + 5, (spec["terminationGracePeriodSeconds"], needed)
+
+
+def parse_quantity(value: str) -> int:
+    """A Kubernetes byte quantity such as 2Gi or 512Mi, in bytes."""
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9}
+    match = re.fullmatch(r"(\d+)([A-Za-z]*)", value)
+    return int(match[1]) * units.get(match[2], 1)
+
+
+def test_a_pods_spool_outlives_it_in_the_bucket():
+    """The data dir is an emptyDir (deleted with the pod): the spool must be handed to the bucket."""
+    from conf.settings import load_settings
+
+    data = config_map_data()
+    settings = load_settings({key: value for key, value in data.items()})
+    assert settings.model_bucket and settings.spool_handoff_prefix
+    # What can wait on disk must fit the data volume, and upload within the writer's stop at 10 MB/s.
+    from workers.writer import STOP_DEADLINE_S
+
+    volumes = {volume["name"]: volume for volume in pod_spec()["volumes"]}
+    data_volume = next(volumes[m["name"]] for m in container()["volumeMounts"] if m["mountPath"] == data["SIRA_DATA_DIR"])
+    assert settings.spool_max_bytes < parse_quantity(data_volume["emptyDir"]["sizeLimit"])
+    assert settings.spool_max_bytes <= 10 * 1024 * 1024 * STOP_DEADLINE_S
 
 
 def test_deployment_reads_secrets_the_template_documents():

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 
 import pytest
 
-from shm.ring import QueueRings
+from shm.ring import READ_POS, SLOT_HEADER_SIZE, QueueRings
 
 NUMBER = struct.Struct("<Q")
 PATTERN = bytes(range(256)) * 3
@@ -54,10 +54,12 @@ def consume(name: str, directory: str, slot: int, stop, pause, paused, conn) -> 
     """Drain with peek/commit until told to stop and the ring is empty; send every number.
 
     While ``pause`` is set it drains nothing (and says so through ``paused``), so that the
-    test can kill a producer while records are waiting in the ring.
+    test can kill a producer or damage a record while records are waiting in the ring. A
+    damaged record is set aside with ``skip_damaged`` and sent back as well.
     """
     reader = QueueRings.attach(name, directory).reader(slot)
     numbers = array.array("Q")
+    set_aside: list[bytes] = []
     try:
         while True:
             if pause.is_set():
@@ -67,15 +69,18 @@ def consume(name: str, directory: str, slot: int, stop, pause, paused, conn) -> 
             stopping = stop.is_set()
             records, end = reader.peek_batch(max_records=500, max_bytes=64 * 1024)
             if not records:
+                if reader.damaged_at is not None:
+                    set_aside.append(reader.skip_damaged())
+                    continue
                 if stopping:
                     break
                 time.sleep(0.0005)
                 continue
             numbers.extend(check_record(record) for record in records)
             reader.commit(end)
-        conn.send(("ok", numbers.tobytes(), reader.producer()))
+        conn.send(("ok", numbers.tobytes(), reader.producer(), set_aside))
     except Exception as exc:  # reported to the test, which fails with it
-        conn.send(("error", repr(exc), None))
+        conn.send(("error", repr(exc), None, None))
 
 
 @pytest.fixture
@@ -127,11 +132,18 @@ def start_consumer(start, rings: QueueRings, slot: int) -> ConsumerHandle:
 
 
 def collect(consumer: ConsumerHandle) -> tuple[list[int], tuple[int, int]]:
+    numbers, producer, set_aside = collect_all(consumer)
+    assert set_aside == [], "the consumer set damaged records aside"
+    return numbers, producer
+
+
+def collect_all(consumer: ConsumerHandle) -> tuple[list[int], tuple[int, int], list[bytes]]:
+    """Stop the consumer: the numbers it drained, the last producer, the bytes it set aside."""
     consumer.stop.set()
     assert consumer.receive.poll(JOIN_SECONDS), "consumer did not finish"
-    status, payload, producer = consumer.receive.recv()
+    status, payload, producer, set_aside = consumer.receive.recv()
     assert status == "ok", payload
-    return array.array("Q", payload).tolist(), producer
+    return array.array("Q", payload).tolist(), producer, set_aside
 
 
 def check_consumer_running(consumer: ConsumerHandle) -> None:
@@ -214,3 +226,41 @@ def test_records_of_a_killed_producer_are_drained_after_takeover(rings_segment, 
         if cursor < len(numbers) and numbers[cursor] == first + count:
             cursor += 1
     assert numbers[cursor:] == list(range(last_first, last_first + 30_000))
+
+
+def damage_oldest_record(rings: QueueRings, slot: int) -> bytes:
+    """Flip a payload byte of the oldest unconsumed record; return its header + damaged payload."""
+    base = rings.layout.slot_base(slot)
+    buf = rings.segment.buf
+    read_pos = NUMBER.unpack_from(buf, base + READ_POS)[0]
+    data = base + SLOT_HEADER_SIZE
+    if read_pos % rings.ring_bytes > rings.ring_bytes - 8 - 400:
+        return b""  # its payload may wrap: let the caller try again further on
+    at = data + read_pos % rings.ring_bytes
+    length = struct.unpack_from("<I", buf, at)[0]
+    buf[at + 8 + 100] ^= 0x5A  # after the number, inside every record (142 bytes or more)
+    return buf[at:at + 8 + length]
+
+
+def test_a_damaged_record_is_set_aside_and_the_rest_arrive_while_the_producer_runs(
+        rings_segment, processes):
+    total = 100_000
+    name, directory = rings_segment.segment.name, os.path.dirname(rings_segment.segment.path)
+    reader = rings_segment.reader(0)  # only to look at the slot from the test
+    consumer = start_consumer(processes, rings_segment, 0)
+    appended = CONTEXT.Value("q", 0, lock=False)
+    producer = processes(produce, name, directory, 0, 0, total, appended)
+    damaged = b""
+    while not damaged:
+        wait_for(appended, 10_000 + appended.value // 2, consumer)
+        pause_consumer(consumer)  # the producer keeps appending (until the ring is full)
+        wait_until(lambda: reader.depth_bytes() > 0, consumer)
+        damaged = damage_oldest_record(rings_segment, 0)
+        consumer.pause.clear()
+    join_ok(producer, consumer)
+    numbers, _producer, set_aside = collect_all(consumer)
+
+    assert set_aside == [damaged]  # header and payload as stored, for the caller to keep
+    lost = NUMBER.unpack_from(damaged, 8)[0]
+    assert numbers == [n for n in range(total) if n != lost]
+    assert reader.depth_bytes() == 0 and reader.depth_records() == 0

@@ -1,7 +1,7 @@
 """The prediction writer as a real process against a real Postgres: nothing lost, nothing doubled.
 
 The test process plays the HTTP workers (it appends to the rings through ``app.predlog``); the
-writer runs as ``python -m workers.writer`` and is killed, stopped and restarted like the master
+writer runs as ``python -m workers.writer_process`` and is killed, stopped and restarted like the master
 would. Postgres outages use an embedded server of this module that the tests stop and start.
 """
 
@@ -22,6 +22,7 @@ import orjson
 import psycopg
 import pytest
 
+from app.ids import id_time_ms, new_prediction_id
 from app.predlog import (
     PredictionLog,
     PredictionLogConfig,
@@ -29,14 +30,15 @@ from app.predlog import (
     encode_record,
     stat_cells,
 )
-from app.predlog_files import OverflowSpill
+from app.predlog_files import BatchName, OverflowSpill
 from shm.counters import CounterBlock
 from shm.ring import QueueRings
 from shm.segment import segment_name
 from tests.fixtures.postgres import create_database, drop_database, unique_database_name
 from workers.database import EmbeddedPostgres
 from workers.migrate import apply_migrations
-from workers.writer import prediction_log_segments
+from workers.spool import read_batch
+from workers.writer_process import prediction_log_segments
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 WAIT_S = 60.0
@@ -44,7 +46,7 @@ WAIT_S = 60.0
 
 def body(prediction_id: str | None = None, **changes) -> dict:
     """A response body as app.infer builds it."""
-    answer = {"prediction_id": prediction_id or str(uuid.uuid4()),
+    answer = {"prediction_id": prediction_id or new_prediction_id(),
               "model_id": "6f1c3f7e-2d1b-4c55-9a47-7d2f0c1e9b10", "model_role": "production",
               "score": 0.25, "decision": "allow",
               "explain_summary": [{"feature": "amount", "importance": 0.4}],
@@ -93,7 +95,7 @@ class Shared:
 
 
 class WriterProcess:
-    """``python -m workers.writer`` with this test's config; every process is killed at teardown."""
+    """``python -m workers.writer_process`` with this test's config; every process is killed at teardown."""
 
     def __init__(self, config: PredictionLogConfig, log_path: str):
         self.config = config
@@ -105,7 +107,7 @@ class WriterProcess:
         env = dict(os.environ, PYTHONPATH=REPO)
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "workers.writer", orjson.dumps(dataclasses.asdict(self.config))],
+                [sys.executable, "-m", "workers.writer_process", orjson.dumps(dataclasses.asdict(self.config))],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.all.append(self.process)
         wait_until(lambda: stats.get(Stat.WRITER_PID) == self.process.pid or self.process.poll() is not None,
@@ -312,6 +314,11 @@ def test_postgres_away_spools_batches_and_replays_them_when_back(tmp_path, own_d
         wait_until(lambda: shared.depth() == 0, "the rings to drain into the spool")
         spooled = os.listdir(config.batches_dir)
         assert len(spooled) >= 6, spooled  # 500-row batches, none lost while Postgres was away
+        for name in spooled:  # each named by the span of its ids' times, for GET /v1/infer/{id}
+            span = BatchName.parse(name)
+            times = [id_time_ms(orjson.loads(record)["prediction_id"])
+                     for record in read_batch(os.path.join(config.batches_dir, name)).records]
+            assert (span.first_ms, span.last_ms) == (min(times), max(times)), name
         assert shared.stats.get(Stat.ROWS_SPOOLED) == 3000
         assert shared.stats.get(Stat.DATABASE_UP) == 0
         server.open()

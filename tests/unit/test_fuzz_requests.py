@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import falcon.asgi
 import falcon.testing
@@ -25,17 +24,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from app.config import ModelFile
 from app.errors import ApiError
 from app.features import FeatureSpec
-from app.infer import BatchInferResource, InferResource
-from app.main import json_handler, render_error
-from app.middleware import RequestIdMiddleware
-from app.models import ModelTable
 from app.requests import parse_infer_request
+from tests.fixtures.infer_app import SPEC, demo_models, infer_client
 
-DEMO = Path(__file__).resolve().parents[2] / "workers" / "demo"
-SPEC = json.loads((DEMO / "fraud_score.spec.json").read_text())
 SOURCES = [feature["source"] for feature in SPEC["features"]]
 ERROR_FIELDS = {"error_code", "message", "request_id", "timestamp", "details"}
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -128,20 +121,7 @@ def test_feature_builder_alone_fills_finite_rows_or_raises_4xx(spec, payload):
 @pytest.fixture(scope="module")
 def client() -> falcon.testing.TestClient:
     """The real infer resources on the demo model, with the app's media handlers and error renderer."""
-    model_file = ModelFile(model_id="11111111-1111-1111-1111-111111111111", name="fraud_score", version="demo",
-                           product="fraud_score", path=str(DEMO / "fraud_score.onnx"), spec=copy.deepcopy(SPEC),
-                           threshold=SPEC["threshold"])
-    models = ModelTable(["fraud_score"])
-    models.load([model_file])
-    app = falcon.asgi.App(middleware=[RequestIdMiddleware()], cors_enable=False)
-    handler = json_handler()
-    app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
-    app.resp_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
-    for exc_type in (Exception, falcon.HTTPError, ApiError):
-        app.add_error_handler(exc_type, render_error)
-    app.add_route("/v1/infer", InferResource(models, 1_048_576))
-    app.add_route("/v1/infer/batch", BatchInferResource(models, 1_048_576, 16))
-    return falcon.testing.TestClient(app)
+    return infer_client(demo_models(), batch_max=16)
 
 
 def assert_answer(result: falcon.testing.Result) -> None:

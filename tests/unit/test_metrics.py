@@ -25,6 +25,7 @@ from app.metrics import (CACHE_TYPE, MODEL_LOAD_ERROR_REASONS, MULTIPROC_ENV, Me
                          SiraMetrics, check_value_class, start_worker_metrics)
 from app.request_metrics import UNKNOWN, InferenceMetrics, InferenceMetricsMiddleware
 from tests.fixtures.server import REPO
+from workers.instance import data_dir_key
 from workers.metrics import prepare_multiprocess_dir
 
 MODEL = SimpleNamespace(product="fraud_score", model_id="m-1", role="production")
@@ -136,11 +137,13 @@ def test_prepare_multiprocess_dir_empties_old_values(monkeypatch, tmp_path):
     monkeypatch.setenv(MULTIPROC_ENV, "")  # restored (unset) after the test: prepare sets it
     monkeypatch.setitem(sys.modules, "prometheus_client.values",
                         SimpleNamespace(ValueClass=type("MmapedValue", (), {"_multiprocess": True})))
-    folder = tmp_path / "metrics"
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    folder = tmp_path / f"sira-{data_dir_key(str(data_dir))}-metrics"  # tmp_path stands in for /dev/shm
     folder.mkdir()
     (folder / "counter_123.db").write_bytes(b"old")
     (folder / "notes.txt").write_text("not ours")
-    assert prepare_multiprocess_dir(str(tmp_path)) == str(folder)
+    assert prepare_multiprocess_dir(str(data_dir), str(tmp_path)) == str(folder)
     assert sorted(os.listdir(folder)) == ["notes.txt"]
     assert os.environ[MULTIPROC_ENV] == str(folder)
 
@@ -150,7 +153,7 @@ def test_prepare_multiprocess_dir_refuses_a_prometheus_client_imported_too_early
     monkeypatch.setitem(sys.modules, "prometheus_client.values",
                         SimpleNamespace(ValueClass=type("MutexValue", (), {"_multiprocess": False})))
     with pytest.raises(RuntimeError, match="imported before"):
-        prepare_multiprocess_dir(str(tmp_path))
+        prepare_multiprocess_dir(str(tmp_path), str(tmp_path))
     assert os.environ[MULTIPROC_ENV] == ""
 
 

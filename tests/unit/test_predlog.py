@@ -13,16 +13,20 @@ import orjson
 import pytest
 
 from app.errors import ServiceUnavailable
+from app.ids import new_prediction_id
 from app.predictions import canonical_prediction_id, prediction_json
 from app.predlog import (
     OVERFLOW_DIR,
     PredictionLog,
     PredictionLogConfig,
+    SlotStat,
     Stat,
     encode_record,
     record_prefix,
+    slot_cell,
     stat_cells,
 )
+from app.predlog_disk import DiskReason
 from app.predlog_files import (
     OverflowName,
     OverflowSpill,
@@ -38,7 +42,7 @@ from workers.slots import lowest_free_slot
 
 
 def body(**changes) -> dict:
-    answer = {"prediction_id": str(uuid.uuid4()), "model_id": str(uuid.uuid4()), "model_role": "production",
+    answer = {"prediction_id": new_prediction_id(), "model_id": str(uuid.uuid4()), "model_role": "production",
               "score": 0.5, "decision": "review", "explain_summary": [], "latency_ms": 1.25, "cached": True}
     answer.update(changes)
     return answer
@@ -156,7 +160,7 @@ def test_a_full_ring_spills_to_an_overflow_file_counted_and_sealed_when_room_ret
     for answer in sent:
         log.append(answer, "evt", "fraud_score", None)
     in_ring, end = rings.reader(1).peek_batch()
-    assert 0 < log.overflowed == stats.get(Stat.OVERFLOW_BASE + 1) == 30 - len(in_ring)
+    assert 0 < log.overflowed == stats.get(slot_cell(1, SlotStat.OVERFLOW)) == 30 - len(in_ring)
     overflow_dir = tmp_path / "spool" / OVERFLOW_DIR
     (open_file,) = os.listdir(overflow_dir)
     name = OverflowName.parse(open_file)
@@ -226,7 +230,22 @@ def test_find_unwritten_looks_in_every_ring_and_in_the_spill_files(tmp_path, seg
 
     found = asyncio.run(find_all())
     assert [row["prediction_id"] for row in found] == sent
-    assert asyncio.run(reader_log.find_unwritten(str(uuid.uuid4()))) is None
+    assert asyncio.run(reader_log.find_unwritten(new_prediction_id())) is None
+
+
+def test_an_id_that_is_not_v7_is_never_looked_for_on_disk(tmp_path, segments, monkeypatch):
+    """Its time is unknown, so no file can be chosen: the rings, then Postgres (app/predlog.py)."""
+    rings, stats = segments(slots=1, ring_bytes=256)
+    log = make_log(tmp_path, rings, stats)
+    old = body(prediction_id=str(uuid.uuid4()))
+    for answer in [body() for _ in range(10)] + [old]:
+        log.append(answer, "evt", "fraud_score", None)
+    spilled = (tmp_path / "spool" / OVERFLOW_DIR).iterdir()
+    assert any(record_prefix(old["prediction_id"]) in path.read_bytes() for path in spilled)
+    searched = []
+    monkeypatch.setattr(log, "find_on_disk", lambda *args: searched.append(args))
+    assert asyncio.run(log.find_unwritten(old["prediction_id"])) is None
+    assert searched == []
 
 
 def test_prediction_json_has_the_seeds_shape():
@@ -333,8 +352,15 @@ def test_the_collector_reads_the_counter_block_and_the_rings(tmp_path, segments)
     log = make_log(tmp_path, rings, stats, slot=1)
     for _ in range(3):
         log.append(body(), "evt", "fraud_score", "rid")
-    stats.add(Stat.OVERFLOW_BASE + 0, 2)
-    stats.add(Stat.OVERFLOW_BASE + 1, 5)
+    stats.add(slot_cell(0, SlotStat.OVERFLOW), 2)
+    stats.add(slot_cell(1, SlotStat.OVERFLOW), 5)
+    stats.add(slot_cell(0, SlotStat.REFUSED), 4)
+    stats.add(slot_cell(1, SlotStat.DISK_ERRORS + DiskReason.ENOSPC), 3)
+    stats.add(Stat.WRITER_DISK_ERRORS + DiskReason.ENOSPC, 2)
+    stats.add(Stat.WRITER_DISK_ERRORS + DiskReason.EIO, 1)
+    stats.add(Stat.RING_DAMAGE, 6)
+    stats.set(Stat.ADOPTED_RECORDS, 8)
+    stats.set(Stat.OVERFLOW_BYTES, 1234)
     stats.set(Stat.ROWS_WRITTEN, 900)
     stats.set(Stat.BATCHES_WRITTEN, 3)
     stats.set(Stat.FLUSH_US_TOTAL, 1_500_000)
@@ -352,3 +378,11 @@ def test_the_collector_reads_the_counter_block_and_the_rings(tmp_path, segments)
     assert sample("sira_prediction_spool_bytes") == 4096
     assert sample("sira_prediction_oldest_unwritten_seconds") == 2.5
     assert sample("sira_prediction_writer_heartbeat_age_seconds") == 4.5
+    assert sample("sira_prediction_refused_total") == 4
+    assert sample("sira_prediction_disk_errors_total", {"process": "worker", "reason": "ENOSPC"}) == 3
+    assert sample("sira_prediction_disk_errors_total", {"process": "writer", "reason": "ENOSPC"}) == 2
+    assert sample("sira_prediction_disk_errors_total", {"process": "writer", "reason": "EIO"}) == 1
+    assert sample("sira_prediction_disk_errors_total", {"process": "worker", "reason": "EMFILE"}) == 0
+    assert sample("sira_prediction_ring_damage_total") == 6
+    assert sample("sira_prediction_adopted_records") == 8
+    assert sample("sira_prediction_overflow_bytes") == 1234
