@@ -7,9 +7,15 @@ sends the same token on every request pays the signature check once.
 
 Decisions: the secret must be at least 32 bytes (RFC 7518 section 3.2); key files must hold a PEM
 *public* key (a private key is refused: the server has no business holding it); RSA keys are at
-least 2048 bits; EC keys must be P-256. Only the internal service token grants every action: a
-JWT that claims the role `internal_service` gets nothing from it. `aud` is ignored when no audience
-is configured. `exp`, `nbf` and `iat` are checked here (not by pyjwt) against an injectable clock.
+least 2048 bits; EC keys must be P-256. `aud` is ignored when no audience is configured. `exp`,
+`nbf` and `iat` are checked here (not by pyjwt) against an injectable clock.
+
+Roles (the table is app/roles.py): only the internal service token grants every action, and the
+role `internal_service` belongs to it alone: a JWT that claims that role (in `role` or `roles`) is
+refused with 401, whatever else it holds. Roles SIRA does not know grant nothing and set no rate
+limit; a token with no known role is authenticated and refused 403 for every protected action.
+A request is rate limited by the roles of its token that grant the action it asks for, the most
+generous of them; never by a role that does not grant that action (app/ratelimit.py).
 """
 
 from __future__ import annotations
@@ -34,20 +40,14 @@ from jwt import exceptions as jwt_errors
 from jwt.algorithms import HMACAlgorithm
 
 from app.errors import Forbidden, Unauthorized
-
-KNOWN_ROLES = frozenset({"sira_service", "fraud_analyst", "ml_ops", "pay_admin"})
-INTERNAL_ROLE = "internal_service"
-
-# action -> roles that may do it; the internal principal may do everything.
-PERMISSIONS: dict[str, frozenset[str]] = {
-    "infer": frozenset({"sira_service", "fraud_analyst"}),
-    "predictions:read": frozenset({"sira_service", "fraud_analyst", "ml_ops"}),
-    "models:read": frozenset({"ml_ops"}),
-    "models:write": frozenset({"ml_ops"}),
-    "canary:read": frozenset({"ml_ops", "pay_admin"}),
-    "canary:write": frozenset({"ml_ops"}),
-}
-_REQUIRED_ROLES = {action: sorted(roles) for action, roles in PERMISSIONS.items()}
+from app.roles import (  # PERMISSIONS stays importable from here, where the role table used to be
+    INTERNAL_ROLE,
+    KNOWN_ROLES,
+    PERMISSIONS,  # noqa: F401
+    REQUIRED_ROLES,
+    granting_roles,
+    jwt_roles,
+)
 
 MAX_TOKEN_CHARS = 8192
 MIN_SECRET_BYTES = 32
@@ -250,7 +250,12 @@ def _check_time_claims(claims: dict[str, Any], now: float, leeway: float) -> flo
 
 
 def _roles(claims: dict[str, Any]) -> frozenset[str]:
-    """Roles from the `role` string and the `roles` list; both may be present."""
+    """The known roles of the `role` string and the `roles` list (both may be present).
+
+    A token that claims `internal_service` is refused rather than trimmed: whoever signed it meant
+    to grant what only the internal token may have, so none of its other claims can be trusted.
+    Unknown roles are dropped here, so that neither authorisation nor rate limiting sees them.
+    """
     roles: set[str] = set()
     role = claims.get("role")
     if role is not None:
@@ -262,7 +267,12 @@ def _roles(claims: dict[str, Any]) -> frozenset[str]:
         if not isinstance(listed, list) or not all(isinstance(item, str) for item in listed):
             raise Unauthorized("token 'roles' claim must be a list of strings")
         roles.update(listed)
-    return frozenset(roles)
+    if INTERNAL_ROLE in roles:
+        raise Unauthorized(
+            f"token claims the role '{INTERNAL_ROLE}', which only the internal service token holds; "
+            "a JWT may not claim it"
+        )
+    return jwt_roles(roles)
 
 
 class Authenticator:
@@ -338,12 +348,9 @@ class Authenticator:
 
     def authorize(self, principal: Principal, action: str) -> None:
         """Raises Forbidden unless one of the principal's roles may do the action."""
-        allowed = PERMISSIONS.get(action)
-        if allowed is None:
-            raise ValueError(f"unknown action {action!r}; known actions: {sorted(PERMISSIONS)}")
-        if principal.internal or not allowed.isdisjoint(principal.roles):
+        if granting_roles(principal.roles, action) or principal.internal:
             return
-        required = _REQUIRED_ROLES[action]
+        required = REQUIRED_ROLES[action]
         raise Forbidden(
             f"'{action}' needs one of the roles: {', '.join(required)}", details={"required": list(required)}
         )
@@ -409,8 +416,9 @@ class AuthMiddleware:
     """Falcon ASGI middleware: a resource's `auth_actions` maps a method to the action it needs.
 
     A method missing from the mapping, or a resource without one, is public. With a `limiter`
-    (app/ratelimit.py), an authenticated request spends from its principal's bucket before it is
-    authorised, and a failed authentication from its client address's bucket before the 401.
+    (app/ratelimit.py), an authenticated request spends from the bucket its action picks among
+    the principal's roles before it is authorised, and a failed authentication from its client
+    address's bucket before the 401.
     """
 
     def __init__(self, authenticator: Authenticator, limiter: Any = None):
@@ -432,7 +440,7 @@ class AuthMiddleware:
                 self._limiter.admit_failed_authentication(client[0] if client else None)
             raise
         if self._limiter is not None:
-            self._limiter.admit(principal)
+            self._limiter.admit(principal, action)
         self._authenticator.authorize(principal, action)
         req.context.principal = principal
 

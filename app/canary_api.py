@@ -7,6 +7,7 @@ an unknown model id 404 MODEL_NOT_FOUND; a well-formed pair the registry refuses
 another product, an archived or production canary, a production id that is not the product's
 current production model, the same model twice) 409 CONFLICT; a product without a config 404
 NOT_FOUND. Every change is logged on `sira.canary` with the token's subject, never the token.
+Starting a canary draws its routing seed (workers/canary_config.py); no answer ever includes it.
 """
 
 from __future__ import annotations
@@ -77,7 +78,11 @@ def rollback_json(entry: dict) -> dict:
 
 
 def config_json(config: CanaryConfig, rollbacks: list[dict]) -> dict:
-    """The seed's fields first, then mode, who changed it last, and the latest rollbacks."""
+    """The seed's fields first, then mode, who changed it last, and the latest rollbacks.
+
+    Never the routing seed: with it a client could compute which events meet the canary
+    (app/canary_routing.py). Fields are listed one by one so that a new column stays private.
+    """
     return {
         "product": config.product,
         "canary_model_id": config.canary_model_id,

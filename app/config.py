@@ -42,6 +42,8 @@ class AppConfig:
     control_segment: str | None = None
     models_in_use_dir: str | None = None  # where each worker lists the model files it holds
     metrics_port: int | None = None  # METRICS_BIND's port: only /metrics, /healthz, /readyz there
+    metrics_on_main_port: bool = True  # SIRA_METRICS_ON_MAIN_PORT: off, /metrics is served on METRICS_BIND only
+    openapi_feature_specs: bool = False  # SIRA_OPENAPI_FEATURE_SPECS: the served feature specs without a token
     model_stats_segment: str | None = None  # the master's per-model counts (shm/model_stats.py); None: not counted
     canary_budget_ms: float = 50.0  # a canary's run time per event above which production answers instead
     rate_limit_segment: str | None = None  # the master's rate-limit table (app/ratelimit.py); None: no limits

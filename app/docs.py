@@ -1,7 +1,10 @@
 """The HTML of GET /docs: one self-contained page that fetches /openapi.json and renders it.
 
 No CDN and no framework (nothing outside the cluster may be reachable): a few lines of plain
-JavaScript list every operation with its parameters, request body, responses and schemas.
+JavaScript list every operation with its parameters, request body, responses and schemas. The
+page fetches the document without a token (it holds none, and asks for none), so it renders the
+public document, without the served products' feature specs, unless SIRA_OPENAPI_FEATURE_SPECS
+is on (app/openapi.py).
 """
 
 from __future__ import annotations

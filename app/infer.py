@@ -266,7 +266,7 @@ class InferResource:
         if cache is not None:
             cache.put(key, score, explanation, request.include_explanation)
         answer = prediction(model, score, explanation, started)
-        counters.answered(run_s, answer["decision"])
+        counters.answered(run_s, answer["decision"], request.include_explanation)
         return answer
 
     async def score_shadow(self, model: ServingModel, request: InferRequest, request_id: str | None) -> None:
@@ -478,7 +478,7 @@ class BatchInferResource:
                 continue  # a late answer is not given (as for one event)
             explanation = explanations[position] if explanations and request.include_explanation else []
             results[index] = answer = prediction(model, float(scores[position]), explanation, started)
-            counters.answered(run_s, answer["decision"])
+            counters.answered(run_s, answer["decision"], explain)  # one run: explained for every row
 
     def fall_back_to_production(self, product: str, items: list, results: list, started: float,
                                 request_id: str) -> None:

@@ -15,7 +15,7 @@ from app.canary_api import CanaryProductResource, CanaryResource, CanaryStopReso
 from app.config import AppConfig
 from app.db import Database
 from app.errors import CODE_BY_STATUS, ApiError, error_body
-from app.health import HealthResource, ReadyResource
+from app.health import HealthResource, OptionalToken, ReadyResource
 from app.infer import BatchInferResource, InferResource
 from app.metrics import install_metrics
 from app.openapi import install_api_docs
@@ -79,6 +79,7 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
                                                                            config.rate_limits))]),
         cors_enable=False,
     )
+    token = OptionalToken(config.authenticator)  # /readyz and /openapi.json show a valid token's holder more
     handler = json_handler()
     app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
     app.resp_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
@@ -87,7 +88,7 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
         app.add_error_handler(exc_type, render_error)
 
     app.add_route("/healthz", HealthResource())
-    app.add_route("/readyz", ReadyResource(models, config.dependencies_file))
+    app.add_route("/readyz", ReadyResource(models, config.dependencies_file, token, config.metrics_port))
     cache = PredictionCache.attach(config.cache_segment) if config.cache_segment else None
     # this worker's ring of the prediction log; a middleware for its lifespan (seals spill files)
     prediction_log = open_prediction_log(config.prediction_log, worker_slot)
@@ -112,6 +113,8 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
     app.add_route("/v1/infer/{prediction_id}", PredictionResource(prediction_log, database))
     shared_figures = [PredictionLogCollector(prediction_log)] if isinstance(prediction_log, PredictionLog) else []
     shared_figures += metrics_collectors(model_stats)  # read from shared memory at scrape time
-    install_metrics(app, models, cache, config.metrics_port, shared_figures)  # /metrics and the request counters
-    install_api_docs(app, config, models)  # /openapi.json and /docs: the app's routes, the served payloads
+    install_metrics(app, models, cache, config.metrics_port, shared_figures,  # /metrics and the request counters
+                    config.metrics_on_main_port)
+    install_api_docs(app, config, models, token,  # /openapi.json and /docs: the app's routes, the served payloads
+                     config.openapi_feature_specs)
     return app

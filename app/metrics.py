@@ -298,15 +298,34 @@ class MetricsResource:
     """GET /metrics: the Prometheus text format, summed over every process of this server.
 
     Public (no token), like /healthz: ops keep it on METRICS_BIND's port and restrict that port to
-    the scraper. Reading the files takes a few milliseconds of this worker's loop per scrape.
+    the scraper. Reading the files takes a few milliseconds of this worker's loop per scrape, so
+    with `on_main_port` False (SIRA_METRICS_ON_MAIN_PORT=off) a request that did not come in on
+    METRICS_BIND's port is a 404 before any file is read: a client of SIRA_BIND cannot make the
+    workers merge files, nor read the figures.
     """
 
-    def __init__(self, metrics: SiraMetrics, collectors: Iterable[Any] = ()):
+    def __init__(self, metrics: SiraMetrics, collectors: Iterable[Any] = (), on_main_port: bool = True,
+                 metrics_port: int | None = None):
         self.metrics = metrics
         self.collectors = tuple(collectors)
+        self.on_main_port = on_main_port
+        self.metrics_port = metrics_port
 
     async def on_get(self, req, resp):
+        if not self.on_main_port and (self.metrics_port is None or listening_port(req) != self.metrics_port):
+            raise NotFound("/metrics is not served on this port (SIRA_METRICS_ON_MAIN_PORT is off)",
+                           {"path": req.path})
         resp.data, resp.content_type = exposition(self.metrics.registry, self.collectors)
+
+
+def listening_port(req) -> int | None:
+    """The port of the socket the request came in on (never the client's Host header); None if unknown."""
+    server = req.scope.get("server")
+    if server is None:
+        return None
+    if type(server) is not tuple:  # gunicorn gives a tuple; ASGI allows any 2-item iterable
+        server = req.scope["server"] = tuple(server)
+    return server[1]
 
 
 class OpsPortMiddleware:
@@ -316,22 +335,17 @@ class OpsPortMiddleware:
         self.port = port
 
     async def process_request(self, req, resp):
-        # The listening socket's own address, never the client's Host header.
-        server = req.scope.get("server")
-        if server is None:
-            return
-        if type(server) is not tuple:  # gunicorn gives a tuple; ASGI allows any 2-item iterable
-            server = req.scope["server"] = tuple(server)
-        if server[1] == self.port and req.path not in OPS_PATHS:
+        if listening_port(req) == self.port and req.path not in OPS_PATHS:
             raise NotFound("only /metrics, /healthz and /readyz are served on the metrics port",
                            {"path": req.path})
 
 
 def install_metrics(app: Any, models: Any, cache: Any = None, metrics_port: int | None = None,
-                    collectors: Iterable[Any] = ()):
+                    collectors: Iterable[Any] = (), on_main_port: bool = True):
     """In create_app, in the worker: this process's metrics, the counting middleware, /metrics.
 
-    `collectors` add families read from shared memory at scrape time (app/predlog_metrics.py).
+    `collectors` add families read from shared memory at scrape time (app/predlog_metrics.py);
+    `on_main_port` False serves /metrics on `metrics_port` only (SIRA_METRICS_ON_MAIN_PORT).
     """
     from app.request_metrics import InferenceMetrics, InferenceMetricsMiddleware
 
@@ -343,5 +357,5 @@ def install_metrics(app: Any, models: Any, cache: Any = None, metrics_port: int 
     if metrics_port is not None:
         app.add_middleware(OpsPortMiddleware(metrics_port))
     app.add_middleware(InferenceMetricsMiddleware(inference))
-    app.add_route("/metrics", MetricsResource(metrics, collectors))
+    app.add_route("/metrics", MetricsResource(metrics, collectors, on_main_port, metrics_port))
     return inference

@@ -1,7 +1,8 @@
 """The worker's handle on the host's model stats block (shm/model_stats.py), or a null one.
 
-Every answered or failed event is counted there under its model and role; the supervisor reads the
-block to compare a canary with production (workers/canary_watch.py). An app built without the
+Every answered or failed event is counted there under its model and role, a timed run also as
+plain or explained (explanations cost extra model rows); the supervisor reads the block to compare
+a canary with production, like with like (workers/canary_watch.py). An app built without the
 block (in-process tests) counts nowhere.
 """
 
@@ -17,7 +18,7 @@ class NullCounters:
 
     __slots__ = ()
 
-    def answered(self, latency_s: float | None, decision: str) -> None:
+    def answered(self, latency_s: float | None, decision: str, explained: bool = False) -> None:
         """Not counted."""
 
     def failed(self) -> None:

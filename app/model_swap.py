@@ -109,7 +109,7 @@ class LiveModelTable(ModelTable):
             if breaker >= 0 and self._breaker_cells[breaker] == OPEN:
                 return self.production.get(product), None, None
             return self.production.get(product), model, None
-        if canary_bucket(product, event_id) < basis_points:
+        if canary_bucket(product, event_id, self.table[product].canary_seed) < basis_points:
             if breaker >= 0 and self._breaker_cells[breaker] == OPEN:
                 return self.production.get(product), None, model
             return model, None, None

@@ -6,7 +6,13 @@ really has: ``OPERATIONS`` describes each route, the app's router (``falcon.insp
 exist. A route without a description is left out of the document and logged, and
 ``tests/e2e/test_openapi.py`` fails on it; schemathesis checks the document against a live server.
 
-Both endpoints are public, like /healthz.
+Both endpoints are public, like /healthz, but the served products' feature specs (names, bounds,
+categories: what a fraudster probing the model wants to learn) are in /openapi.json only for a
+request with a valid token of any role, or for everyone with SIRA_OPENAPI_FEATURE_SPECS=on. Any
+role, not only those that score: every holder of a token is a service or a person of ours, and the
+point is to keep the specs from anonymous callers of SIRA_BIND. Without either the document
+describes every route with a generic payload. /docs is a static page that fetches the document
+without a token, so it shows the generic one unless the setting is on.
 """
 
 from __future__ import annotations
@@ -21,17 +27,15 @@ import falcon.inspect
 import orjson
 
 from app.docs import DOCS_HTML
-from app.openapi_schemas import schemas
+from app.health import OptionalToken
+from app.openapi_ops import op_docs, op_healthz, op_metrics, op_openapi, op_readyz, ops_schemas
+from app.openapi_schemas import JSON, error_response, json_response, ref, schemas
 from app.requests import PRODUCT_PATTERN
 from workers.registry import PROMOTION_TARGETS, STATUSES
 
 log = logging.getLogger("sira.openapi")
 
 OPENAPI_VERSION = "3.1.0"
-JSON = "application/json"
-ERROR_REF = {"$ref": "#/components/schemas/Error"}
-REQUEST_ID_HEADER = {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}}
-PUBLIC: list = []  # an operation's `security` when it needs no token
 ROLES_INFER = "sira_service, fraud_analyst (or the internal service token)"
 ROLES_ML_OPS = "ml_ops (or the internal service token)"
 ROLES_CANARY_READ = "ml_ops, pay_admin (or the internal service token)"
@@ -46,18 +50,6 @@ def service_version() -> str:
 
 
 # -- operations --------------------------------------------------------------------------------------
-
-def error_response(description: str) -> dict:
-    return {"description": description, "headers": REQUEST_ID_HEADER, "content": {JSON: {"schema": ERROR_REF}}}
-
-
-def json_response(description: str, schema: dict) -> dict:
-    return {"description": description, "headers": REQUEST_ID_HEADER, "content": {JSON: {"schema": schema}}}
-
-
-def ref(name: str) -> dict:
-    return {"$ref": f"#/components/schemas/{name}"}
-
 
 BODY_ERRORS = {
     "400": error_response("INVALID_REQUEST (malformed JSON, a bad field) or FEATURE_VALIDATION_FAILED."),
@@ -83,12 +75,7 @@ def op_infer() -> dict:
     return {
         "operationId": "infer", "tags": ["scoring"], "summary": "Score one payment event",
         "description": f"Roles: {ROLES_INFER}.",
-        "requestBody": {"required": True, "content": {JSON: {
-            "schema": ref("InferRequest"),
-            "examples": {"card": {"value": {"event_id": "evt-123", "product": "fraud_score",
-                                            "payload": {"amount": 150.5, "currency": "USD", "country": "US",
-                                                        "payment_method": "card",
-                                                        "features": {"hour_of_day": 14, "is_weekend": 0}}}}}}}},
+        "requestBody": {"required": True, "content": {JSON: {"schema": ref("InferRequest")}}},
         "responses": {
             "200": json_response("The score, decision and explanation.", ref("Prediction")),
             **BODY_ERRORS, **AUTH_ERRORS,
@@ -246,49 +233,6 @@ def op_stop_canary() -> dict:
     }
 
 
-def op_healthz() -> dict:
-    return {
-        "operationId": "healthz", "tags": ["ops"], "summary": "Liveness", "security": PUBLIC,
-        "responses": {"200": json_response("The worker's event loop answers.", ref("Health"))},
-    }
-
-
-def op_readyz() -> dict:
-    return {
-        "operationId": "readyz", "tags": ["ops"], "summary": "Readiness", "security": PUBLIC,
-        "responses": {
-            "200": json_response("This worker serves a model for every product.", ref("Ready")),
-            "503": error_response("SERVICE_UNAVAILABLE: models not loaded yet (details say which, and "
-                                  "the state of Postgres and the model store)."),
-        },
-    }
-
-
-def op_metrics() -> dict:
-    return {
-        "operationId": "metrics", "tags": ["ops"], "summary": "Prometheus metrics of every process",
-        "description": "Public: keep it on METRICS_BIND's port and let only the scraper reach that port.",
-        "security": PUBLIC,
-        "responses": {"200": {"description": "Prometheus text exposition format.", "headers": REQUEST_ID_HEADER,
-                              "content": {"text/plain": {"schema": {"type": "string"}}}}},
-    }
-
-
-def op_openapi() -> dict:
-    return {
-        "operationId": "openapi", "tags": ["ops"], "summary": "This document", "security": PUBLIC,
-        "responses": {"200": json_response("OpenAPI 3.1.", {"type": "object"})},
-    }
-
-
-def op_docs() -> dict:
-    return {
-        "operationId": "docs", "tags": ["ops"], "summary": "A page that renders this document", "security": PUBLIC,
-        "responses": {"200": {"description": "HTML.", "headers": REQUEST_ID_HEADER,
-                              "content": {"text/html": {"schema": {"type": "string"}}}}},
-    }
-
-
 # (route template, method) -> its operation; a route the app has but this table lacks is undocumented.
 OPERATIONS: dict[tuple[str, str], Callable[[], dict]] = {
     ("/v1/infer", "POST"): op_infer,
@@ -315,7 +259,10 @@ def app_routes(app: falcon.asgi.App) -> set[tuple[str, str]]:
 
 
 def build_document(routes: set[tuple[str, str]], batch_max: int = 256, specs: dict[str, Any] | None = None) -> dict:
-    """The document of the given routes that OPERATIONS describes, with the served products' payloads."""
+    """The document of the given routes that OPERATIONS describes, with the served products' payloads.
+
+    `specs` None: the public document, with a generic payload and no example that names a feature.
+    """
     paths: dict[str, dict] = {}
     for path, method in sorted(routes):
         describe = OPERATIONS.get((path, method))
@@ -339,28 +286,51 @@ def build_document(routes: set[tuple[str, str]], batch_max: int = 256, specs: di
                                "token (`sira token --role ROLE --sub NAME` mints one)."}},
             "headers": {"RequestId": {"required": True, "description": "The request's id, also in every log line.",
                                       "schema": {"type": "string"}}},
-            "schemas": schemas(batch_max, specs or {}),
+            "schemas": {**schemas(batch_max, specs), **ops_schemas()},
         },
     }
 
 
 class OpenApiResource:
-    """GET /openapi.json: built from the app's routes and served models, rebuilt when the models change."""
+    """GET /openapi.json: built from the app's routes and served models, rebuilt when the models change.
 
-    def __init__(self, app: falcon.asgi.App, batch_max: int, models: Any = None):
+    Two documents: the public one (no feature spec; built once) and the one with the served
+    products' payloads, for a valid token of any role or for everyone when `specs_public`
+    (SIRA_OPENAPI_FEATURE_SPECS=on). No token or a bad one gets the public document (app/health.py).
+    """
+
+    def __init__(self, app: falcon.asgi.App, batch_max: int, models: Any = None,
+                 token: OptionalToken | None = None, specs_public: bool = False):
         self.app = app
         self.batch_max = batch_max
         self.models = models  # app.models.ModelTable: the served products and their feature specs
+        self.token = token  # None: no authenticator, so only the setting shows the specs
+        self.specs_public = specs_public
         self._body: bytes | None = None
         self._built_for: object = None
+        self._public_body: bytes | None = None
 
     async def on_get(self, req, resp):
+        resp.content_type = falcon.MEDIA_JSON
+        resp.data = self.with_specs() if self.shows_specs(req) else self.public()
+
+    def shows_specs(self, req) -> bool:
+        if self.specs_public:
+            return True
+        return self.token is not None and self.token.principal(req) is not None
+
+    def public(self) -> bytes:
+        if self._public_body is None:
+            self._public_body = orjson.dumps(build_document(self.routes(), self.batch_max))
+        return self._public_body
+
+    def with_specs(self) -> bytes:
         served = self.served_models()
         if self._body is None or served != self._built_for:
-            self._body = self.build(served)
+            specs = {product: self.models.production[product].spec for product, _, _ in served}
+            self._body = orjson.dumps(build_document(self.routes(), self.batch_max, specs))
             self._built_for = served
-        resp.content_type = falcon.MEDIA_JSON
-        resp.data = self._body
+        return self._body
 
     def served_models(self) -> tuple:
         """What the document depends on: (product, model id, version) of every served model."""
@@ -370,13 +340,12 @@ class OpenApiResource:
         return tuple(sorted((product, model.model_id, model.version)
                             for product, model in self.models.production.items()))
 
-    def build(self, served: tuple) -> bytes:
+    def routes(self) -> set[tuple[str, str]]:
         routes = app_routes(self.app)
         undocumented = sorted(routes - OPERATIONS.keys())
         if undocumented:
             log.warning("routes missing from the OpenAPI document: %s", undocumented)
-        specs = {product: self.models.production[product].spec for product, _, _ in served}
-        return orjson.dumps(build_document(routes, self.batch_max, specs))
+        return routes
 
 
 class DocsResource:
@@ -387,7 +356,12 @@ class DocsResource:
         resp.text = DOCS_HTML
 
 
-def install_api_docs(app: falcon.asgi.App, config: Any = None, models: Any = None) -> None:
-    """Add /openapi.json and /docs; the document describes the routes the app has when it is asked."""
-    app.add_route("/openapi.json", OpenApiResource(app, getattr(config, "batch_max", 256), models))
+def install_api_docs(app: falcon.asgi.App, config: Any = None, models: Any = None,
+                     token: OptionalToken | None = None, specs_public: bool = False) -> None:
+    """Add /openapi.json and /docs; the document describes the routes the app has when it is asked.
+
+    `token` reads a request's token (app/health.py); `specs_public` is SIRA_OPENAPI_FEATURE_SPECS.
+    """
+    app.add_route("/openapi.json", OpenApiResource(app, getattr(config, "batch_max", 256), models, token,
+                                                   specs_public))
     app.add_route("/docs", DocsResource())

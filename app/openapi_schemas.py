@@ -2,7 +2,10 @@
 
 A product's payload schema is generated from its model's feature spec (``payload_schema``), the
 same rules ``app.features.FeatureSpec.build_row`` applies; ``tests/unit/test_openapi.py`` checks
-that the two accept exactly the same payloads.
+that the two accept exactly the same payloads. Those schemas, and the examples that name the
+demo model's fields, are only in the document that shows feature specs (``specs`` not None): a
+fraud model's inputs are what a fraudster wants to learn, so the public document has a generic
+payload (app/openapi.py decides who gets which).
 """
 
 from __future__ import annotations
@@ -18,6 +21,37 @@ from workers.registry import STATUSES
 # The part of "printable" a pattern can state portably; the `printable` format names the whole rule.
 NO_CONTROL_CHARACTERS = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"
 
+# Building blocks of the operations (app/openapi.py, app/openapi_ops.py).
+JSON = "application/json"
+ERROR_REF = {"$ref": "#/components/schemas/Error"}
+REQUEST_ID_HEADER = {"X-Request-ID": {"$ref": "#/components/headers/RequestId"}}
+PUBLIC: list = []  # an operation's `security` when it needs no token
+
+# Events of the demo model's product (workers/demo/fraud_score.spec.json): shown with the feature specs only.
+EXAMPLE_PAYLOAD = {"amount": 150.5, "currency": "USD", "country": "US", "payment_method": "card",
+                   "features": {"hour_of_day": 14, "is_weekend": 0}}
+EXAMPLE_EVENT = {"event_id": "evt-123", "product": "fraud_score", "payload": EXAMPLE_PAYLOAD}
+EXAMPLE_BATCH_EVENT = {"event_id": "evt-1", "product": "fraud_score",
+                       "payload": {"amount": 12.5, "currency": "EUR", "country": "FR", "payment_method": "wallet"}}
+PAYLOAD_RULE = ("The event's fields, checked against the product model's feature spec (400 "
+                "FEATURE_VALIDATION_FAILED naming the field otherwise). Unknown fields are ignored.")
+FEATURES_HIDDEN = (" Each served product's fields are documented to a caller with a token (any role), or to "
+                   "everyone with SIRA_OPENAPI_FEATURE_SPECS=on.")
+FEATURES_SHOWN = (" fraud_score needs amount, currency, country, payment_method; optional numbers go in "
+                  "`features`. Each served product's schema is Payload_<product>.")
+
+
+def error_response(description: str) -> dict:
+    return {"description": description, "headers": REQUEST_ID_HEADER, "content": {JSON: {"schema": ERROR_REF}}}
+
+
+def json_response(description: str, schema: dict) -> dict:
+    return {"description": description, "headers": REQUEST_ID_HEADER, "content": {JSON: {"schema": schema}}}
+
+
+def ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
 
 def error_codes() -> list[str]:
     """Every error_code the server can answer (app.errors and its subclasses elsewhere)."""
@@ -31,8 +65,10 @@ def error_codes() -> list[str]:
 
 # -- components ----------------------------------------------------------------------------------------
 
-def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
-    """The components; `specs` maps each served product to its model's FeatureSpec."""
+def schemas(batch_max: int, specs: dict[str, Any] | None) -> dict:
+    """The components; `specs` maps each served product to its model's FeatureSpec, None hides them all."""
+    shown = specs is not None
+    specs = specs or {}
     explanation_item = {
         "type": "object",
         "required": ["feature", "importance"],
@@ -58,13 +94,8 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
             "product": {"type": "string", "pattern": PRODUCT_PATTERN.pattern.join(("^", "$")),
                         "description": "Which model scores the event, e.g. fraud_score (404 MODEL_NOT_FOUND when "
                                        "no model serves it)."},
-            "payload": {"type": "object",
-                        "description": "The event's fields, checked against the product model's feature spec "
-                                       "(400 FEATURE_VALIDATION_FAILED naming the field otherwise). fraud_score "
-                                       "needs amount, currency, country, payment_method; optional numbers go in "
-                                       "`features`. Unknown fields are ignored.",
-                        "examples": [{"amount": 150.5, "currency": "USD", "country": "US", "payment_method": "card",
-                                      "features": {"hour_of_day": 14, "is_weekend": 0}}]},
+            "payload": {"type": "object", "description": PAYLOAD_RULE + (FEATURES_SHOWN if shown else FEATURES_HIDDEN),
+                        **({"examples": [EXAMPLE_PAYLOAD]} if shown else {})},
             "options": {
                 "type": ["object", "null"],
                 "additionalProperties": False,
@@ -167,6 +198,8 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
     model_info = dict(model, required=model["required"] + ["generation", "stats"],
                       properties=dict(model["properties"], generation={"type": ["integer", "null"]},
                                       stats=model_stats))
+    if shown:
+        infer_request["examples"] = [EXAMPLE_EVENT]
     if specs:
         infer_request["oneOf"] = [product_variant(product) for product in sorted(specs)] + [
             {"properties": {"product": {"not": {"enum": sorted(specs)}}}}]
@@ -198,9 +231,7 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
                     "description": f"1 to {batch_max} InferRequest objects (SIRA_BATCH_MAX). An invalid item does "
                                    "not fail the batch: it gets its own error entry in `results`.",
                     "items": {"description": "An InferRequest; anything else gets an error entry.",
-                              "examples": [{"event_id": "evt-1", "product": "fraud_score",
-                                            "payload": {"amount": 12.5, "currency": "EUR", "country": "FR",
-                                                        "payment_method": "wallet"}}]},
+                              **({"examples": [EXAMPLE_BATCH_EVENT]} if shown else {})},
                 },
             },
         },
@@ -229,44 +260,6 @@ def schemas(batch_max: int, specs: dict[str, Any]) -> dict:
                 "generation": {"type": ["integer", "null"],
                                "description": "The model generation this worker serves; null before the first."},
             },
-        },
-        "Health": {
-            "type": "object",
-            "required": ["ok", "service", "timestamp"],
-            "additionalProperties": False,
-            "properties": {"ok": {"const": True}, "service": {"type": "string"},
-                           "timestamp": {"type": "string", "format": "date-time"}},
-        },
-        "Ready": {
-            "type": "object",
-            "required": ["ready", "worker_pid", "generation", "models", "load_errors", "dependencies", "timestamp"],
-            "additionalProperties": False,
-            "properties": {
-                "ready": {"const": True},
-                "worker_pid": {"type": "integer"},
-                "generation": {"type": ["integer", "null"]},
-                "models": {"type": "object", "description": "product -> the model this worker serves for it.",
-                           "additionalProperties": {
-                               "type": "object", "required": ["model_id", "version", "role"],
-                               "properties": {"model_id": {"type": "string"}, "version": {"type": "string"},
-                                              "role": {"type": "string"},
-                                              "loaded_at": {"type": ["string", "null"]}}}},
-                "load_errors": {"type": "object", "additionalProperties": {"type": "string"}},
-                "dependencies": {"$ref": "#/components/schemas/Dependencies"},
-                "timestamp": {"type": "string", "format": "date-time"},
-            },
-        },
-        "Dependencies": {
-            "type": "object",
-            "description": "The supervisor's view of each dependency (postgres, model_store); empty before it "
-                           "looked. Also in the 503's details.",
-            "additionalProperties": {
-                "type": "object", "required": ["up", "since", "last_error"], "additionalProperties": False,
-                "properties": {"up": {"type": "boolean"},
-                               "since": {"type": "string", "format": "date-time",
-                                         "description": "When it last went up or down."},
-                               "last_error": {"type": ["string", "null"],
-                                              "description": "The latest error while it is down."}}},
         },
     }
 

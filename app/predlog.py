@@ -47,6 +47,7 @@ from shm.ring_search import find_record
 log = logging.getLogger("sira.predlog")
 
 RECORD_PREFIX = b'{"prediction_id":"'
+SPOOL_DIR = "spool"  # under the data dir
 OVERFLOW_DIR = "overflow"
 BATCHES_DIR = "batches"
 REJECTED_DIR = "rejected"
@@ -81,6 +82,7 @@ class Stat(enum.IntEnum):
     RING_DAMAGE = 20          # damaged ring records or slots the writer set aside under <spool>/corrupt
     ADOPTED_RECORDS = 21      # records still waiting in rings a dead instance of the data dir left
     OVERFLOW_BYTES = 22       # bytes of the workers' overflow files waiting for the writer
+    FILE_DAMAGE = 23          # overflow files with a record that failed its checksum (kept under corrupt/)
     SLOT_BASE = 32            # + slot * SLOT_CELLS + SlotStat: each slot's own cells (one writer per cell)
 
 

@@ -1,8 +1,12 @@
 """The prediction log's files: record frames, and the overflow files a worker spills to.
 
-Frames are how records sit in every file of the log (overflow files here, the writer's spool
-batches in ``workers/spool.py``): a u32 little-endian length, then the record bytes. A reader
-stops at a torn last frame (a process killed mid-write), so whatever precedes it is still good.
+Frames are how records sit in every file of the log: a u32 little-endian length, then the record
+bytes. The writer's spool batches (``workers/spool.py``) hold such frames under one crc32 of the
+whole body. An overflow file is appended record by record, so each of its frames carries its own
+crc32 (``u32 length | u32 crc32 | record``, after the file's magic ``SIRAOVF2``): a record damaged
+on disk, or put there by hand, is told apart from the good ones (``decode_overflow``). Files
+written before that (no magic) are read as plain frames. A reader stops at a torn last frame (a
+process killed mid-write), so whatever precedes it is still good.
 
 An overflow file belongs to one worker, which appends a frame per record that found its ring
 full. Its name says whose it is and whether it is complete (``OverflowName``):
@@ -27,11 +31,13 @@ the file names, at most a stat each, never the spool's gigabytes:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import mmap
 import os
 import re
 import struct
 import time
+import zlib
 from typing import Any
 
 from app.predlog_disk import OVERFLOW_FILE_MAX_BYTES, LogFull, overflow_has_room
@@ -43,6 +49,8 @@ BATCH_SUFFIX = ".batch"
 NO_V7_SPAN = (0, 0)  # a batch without one UUIDv7 id: no search for a v7 id reads it
 
 _FRAME = struct.Struct("<I")  # record length; the record bytes follow
+_CHECKED_FRAME = struct.Struct("<II")  # record length, crc32 of the record; the record bytes follow
+OVERFLOW_MAGIC = b"SIRAOVF2"  # the first bytes of an overflow file whose frames carry a crc32
 _OVERFLOW_NAME = re.compile(
     r"(?P<instance>[A-Za-z0-9_]+)-s(?P<slot>\d+)-e(?P<epoch>\d+)-p(?P<pid>\d+)-(?P<seq>\d+)"
     r"\.(?P<state>open|sealed)")
@@ -71,14 +79,58 @@ def decode_frames(data: bytes | memoryview, start: int = 0) -> tuple[list[bytes]
 
 
 def find_framed_record(data: Any, prefix: bytes) -> bytes | None:
-    """The framed record in ``data`` (bytes or mmap) that starts with ``prefix``, else None."""
-    at = data.find(prefix, _FRAME.size)
+    """The framed record in ``data`` (bytes or mmap) that starts with ``prefix``, else None.
+
+    An overflow file (``OVERFLOW_MAGIC``) has checked frames: a record whose crc32 fails is no match.
+    """
+    checked = data[:len(OVERFLOW_MAGIC)] == OVERFLOW_MAGIC
+    header = _CHECKED_FRAME.size if checked else _FRAME.size
+    at = data.find(prefix, header)
     while at >= 0:
-        (n,) = _FRAME.unpack_from(data, at - _FRAME.size)
+        (n,) = _FRAME.unpack_from(data, at - header)
         if at + n <= len(data):
-            return bytes(data[at:at + n])
+            record = bytes(data[at:at + n])
+            if not checked or zlib.crc32(record) == _CHECKED_FRAME.unpack_from(data, at - header)[1]:
+                return record
         at = data.find(prefix, at + 1)
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class OverflowRecords:
+    """What an overflow file holds: its good records, and the bytes after the last good frame.
+
+    ``rest`` is a torn last frame when ``torn`` (its worker was killed writing it: that record was
+    never answered), else the bytes from a frame whose crc32 failed on: damage.
+    """
+
+    records: list[bytes]
+    rest: bytes
+    torn: bool
+
+
+def decode_overflow(data: bytes) -> OverflowRecords:
+    """The records of an overflow file up to the first frame that is torn or fails its crc32.
+
+    Nothing after a damaged frame is trusted: its length may be what was damaged.
+    """
+    if not data.startswith(OVERFLOW_MAGIC):  # written before frames carried a crc32
+        records, end = decode_frames(data)
+        return OverflowRecords(records, data[end:], end != len(data))  # no crc: a bad tail counts as torn
+    records = []
+    pos, end = len(OVERFLOW_MAGIC), len(data)
+    while pos < end:
+        if pos + _CHECKED_FRAME.size > end:
+            return OverflowRecords(records, data[pos:], True)
+        n, crc = _CHECKED_FRAME.unpack_from(data, pos)
+        record = data[pos + _CHECKED_FRAME.size:pos + _CHECKED_FRAME.size + n]
+        if len(record) != n:
+            return OverflowRecords(records, data[pos:], True)
+        if zlib.crc32(record) != crc:
+            return OverflowRecords(records, data[pos:], False)
+        records.append(record)
+        pos += _CHECKED_FRAME.size + n
+    return OverflowRecords(records, b"", False)
 
 
 
@@ -143,7 +195,7 @@ class OverflowSpill:
 
         LogFull when a new file is needed and the budget has no room for it (app/predlog_disk.py).
         """
-        frame = _FRAME.pack(len(record)) + record
+        frame = _CHECKED_FRAME.pack(len(record), zlib.crc32(record)) + record
         if self._fd < 0 or self._records >= OVERFLOW_FILE_RECORDS or \
                 (self._size and self._size + len(frame) > OVERFLOW_FILE_MAX_BYTES) or \
                 time.monotonic() - self._opened_at > OVERFLOW_FILE_MAX_AGE_S:
@@ -166,10 +218,17 @@ class OverflowSpill:
     def _open_next(self) -> None:
         os.makedirs(self.directory, exist_ok=True)
         self._name = dataclasses.replace(self._name, seq=self._name.seq + 1)
-        self._path = os.path.join(self.directory, self._name.file_name())
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND |
-                           os.O_CLOEXEC, 0o600)
-        self._size = self._records = 0
+        path = os.path.join(self.directory, self._name.file_name())
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        try:  # a file without its magic would be read as unchecked frames: it must not stay
+            if os.write(fd, OVERFLOW_MAGIC) != len(OVERFLOW_MAGIC):
+                raise OSError(errno.ENOSPC, f"short write of the magic of {path}")
+        except BaseException:
+            os.close(fd)
+            os.unlink(path)
+            raise
+        self._fd, self._path = fd, path
+        self._size, self._records = len(OVERFLOW_MAGIC), 0
         self._opened_at = time.monotonic()
 
     def seal(self, durable: bool = False) -> None:

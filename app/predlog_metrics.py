@@ -19,7 +19,7 @@ Families (``deploy/metrics.txt`` lists them; ``README.md`` explains them):
 - ``sira_prediction_overflow_bytes``: what the overflow files hold (they share the spool's budget);
 - ``sira_prediction_refused_total``: predictions refused (503) because nothing could keep them;
 - ``sira_prediction_disk_errors_total{process, reason}``: failed disk operations (ENOSPC, EIO, EMFILE, OTHER);
-- ``sira_prediction_ring_damage_total``: damaged ring records or slots set aside;
+- ``sira_prediction_damage_total{source}``: damaged ring records or slots, and overflow files, set aside;
 - ``sira_prediction_adopted_records``: records still in the rings a dead predecessor left;
 - ``sira_prediction_oldest_unwritten_seconds``: age of the oldest record still in a ring;
 - ``sira_prediction_writer_database_up`` and ``sira_prediction_writer_heartbeat_age_seconds``.
@@ -85,9 +85,13 @@ class PredictionLogCollector:
                                   "Predictions refused (503) because neither the ring nor the disk could keep them.",
                                   value=self.slot_total(SlotStat.REFUSED))
         yield self.disk_errors()
-        yield CounterMetricFamily("sira_prediction_ring_damage",
-                                  "Damaged ring records or slots the writer set aside under the spool's corrupt/.",
-                                  value=stats.get(Stat.RING_DAMAGE))
+        damage = CounterMetricFamily("sira_prediction_damage",
+                                     "Damaged records the writer set aside under the spool's corrupt/: ring records "
+                                     "or slots, overflow files with a record that failed its checksum.",
+                                     labels=("source",))
+        damage.add_metric(("ring",), stats.get(Stat.RING_DAMAGE))
+        damage.add_metric(("overflow",), stats.get(Stat.FILE_DAMAGE))
+        yield damage
         yield GaugeMetricFamily("sira_prediction_adopted_records",
                                 "Predictions still waiting in queue rings a stopped instance of this data dir left.",
                                 value=stats.get(Stat.ADOPTED_RECORDS))

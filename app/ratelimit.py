@@ -9,9 +9,13 @@ from every worker.
 What is counted:
 
 - an authenticated request to a protected endpoint spends one request of the bucket keyed by
-  (role, token subject). A principal with several roles is limited by the most generous of them
-  (unlimited wins); roles SIRA does not know are ignored, and a principal with no known role is
-  limited like ``anonymous``. A batch is one request. A request later refused with 403 was spent.
+  (role, token subject). The role is picked among the principal's roles that grant the request's
+  action (``app/roles.py``): the most generous of them (unlimited wins), never a role that does
+  not grant that action, so an extra role lends no room to actions it cannot do. Roles SIRA does
+  not know are ignored (app/auth.py drops them; a JWT claiming ``internal_service`` is refused).
+  A request that none of the principal's roles grants (it will be refused with 403) spends from
+  the least generous of its roles, and a principal with no known role from ``anonymous`` keyed by
+  its subject. A batch is one request. A request later refused with 403 was spent.
 - a request to a protected endpoint that fails authentication (no token, a bad or expired one)
   spends one request of the ``anonymous`` bucket of its client address (the TCP peer, never a
   forwarded-for header a client could write). Over the limit it is answered 429 instead of 401.
@@ -39,6 +43,7 @@ from fractions import Fraction
 from typing import Any
 
 from app.errors import RateLimitExceeded
+from app.roles import KNOWN_ROLES, granting_roles
 from conf.rate_limits import ANONYMOUS, RateLimit, RateLimits
 from shm.ratelimit import RateLimitTable, rate_key
 from shm.segment import segment_name
@@ -84,6 +89,38 @@ def most_generous(roles: frozenset[str], limits: RateLimits) -> tuple[str, RateL
     return best, limits.by_role[best]
 
 
+def least_generous(roles: frozenset[str], limits: RateLimits) -> tuple[str, RateLimit | None]:
+    """(role, limit) of the strictest of the known roles, else anonymous; unlimited only when all are."""
+    known = sorted(role for role in roles if role in limits.by_role)
+    if not known:
+        return ANONYMOUS, limits.by_role[ANONYMOUS]
+    limited = [role for role in known if limits.by_role[role] is not None]
+    if not limited:
+        return known[0], None
+    worst = min(limited, key=lambda role: Fraction(limits.by_role[role].requests, limits.by_role[role].period_s))
+    return worst, limits.by_role[worst]
+
+
+def governing_limit(principal: Any, action: str | None, limits: RateLimits) -> tuple[str, RateLimit | None]:
+    """(role, limit) that a principal's request for `action` spends from.
+
+    The internal principal has its one role. A JWT principal is limited by the roles that grant
+    the action, the most generous of them: a token that also lists an unlimited role cannot use
+    it for an action that role may not do. When none grants it (a 403 follows), the strictest
+    role is charged, so that holding more roles never buys more refused requests. With no action
+    (a caller outside a route) every known role counts.
+    """
+    if principal.internal:
+        return most_generous(principal.roles, limits)
+    roles = KNOWN_ROLES.intersection(principal.roles)
+    if action is None:
+        return most_generous(roles, limits)
+    granting = granting_roles(roles, action)
+    if granting:
+        return most_generous(granting, limits)
+    return least_generous(roles, limits)
+
+
 class RateLimiter:
     """A worker's handle on the shared table: picks the bucket of a request and spends from it.
 
@@ -100,15 +137,16 @@ class RateLimiter:
         self.lock_failures = 0
         self._on_refusal = on_refusal
         self._clock = clock
-        self._rules: dict[frozenset[str], tuple[str, RateLimit | None]] = {}
+        self._rules: dict[tuple[frozenset[str], bool, str | None], tuple[str, RateLimit | None]] = {}
         self._keys: dict[tuple[str, str], bytes] = {}
         self._last_failure_log_ns: int | None = None
 
-    def admit(self, principal: Any) -> None:
-        """Spend one request of the principal's bucket; RateLimitExceeded when it is empty."""
-        rule = self._rules.get(principal.roles)
+    def admit(self, principal: Any, action: str | None = None) -> None:
+        """Spend one request of the bucket the action picks (``governing_limit``); RateLimitExceeded when empty."""
+        case = (principal.roles, principal.internal, action)
+        rule = self._rules.get(case)
         if rule is None:
-            rule = self._remember_rule(principal.roles)
+            rule = self._remember_rule(principal, action)
         role, limit = rule
         if limit is not None:
             self._spend(role, principal.subject, limit)
@@ -155,10 +193,11 @@ class RateLimiter:
             log.warning("rate-limit table %s could not be locked (%s): requests admitted unchecked "
                         "(%d so far)", self.table.segment.name, exc, self.lock_failures)
 
-    def _remember_rule(self, roles: frozenset[str]) -> tuple[str, RateLimit | None]:
+    def _remember_rule(self, principal: Any, action: str | None) -> tuple[str, RateLimit | None]:
         if len(self._rules) >= MAX_REMEMBERED:
             self._rules.clear()
-        rule = self._rules[roles] = most_generous(roles, self.limits)
+        rule = governing_limit(principal, action, self.limits)
+        self._rules[(principal.roles, principal.internal, action)] = rule
         return rule
 
     def _remember_key(self, role: str, subject: str) -> bytes:

@@ -9,7 +9,9 @@ A line holds `timestamp` (ISO 8601 UTC, ms, Z), `level`, `logger`, `message`, `s
 a request, the fields a call passed with `extra=`, and `exception` (the traceback) when there is one.
 
 Secrets: no code logs a payload, a token or a secret; as a second line of defence every line is
-scrubbed of the configured secret values, of `Bearer <token>` and of anything shaped like a JWT.
+scrubbed of the configured secret values, of `Bearer <token>`, of anything shaped like a JWT, and of
+the credentials of any URL or libpq connection string in it (conf/redact.py: a library error may
+echo a DSN).
 
 The access log (SIRA_ACCESS_LOG=on, LOG_LEVEL info or debug) is handed over by gunicorn after the
 response has been sent, so it never delays the answer it describes; its lines are built without a
@@ -30,6 +32,8 @@ from contextvars import ContextVar
 
 import orjson
 from gunicorn import glogging
+
+from conf.redact import redact_text, secrets_in
 
 SERVICE = "sira-inference"
 MASK = "****"
@@ -79,7 +83,7 @@ def set_process_role(name: str) -> None:
 
 
 class Redactor:
-    """Masks secret values, bearer tokens and JWT-shaped strings in a finished log line."""
+    """Masks secrets in URLs and connection strings, secret values, bearer tokens and JWT-shaped strings in a line."""
 
     def __init__(self, secrets: Iterable[str] = ()):
         self.secrets: tuple[str, ...] = ()
@@ -96,6 +100,7 @@ class Redactor:
         self.secrets = tuple(sorted(forms, key=len, reverse=True))
 
     def __call__(self, line: str) -> str:
+        line = redact_text(line)  # first: a short password in a URL is masked by its place, not its value
         for secret in self.secrets:
             if secret in line:
                 line = line.replace(secret, MASK)
@@ -104,6 +109,16 @@ class Redactor:
         if "eyJ" in line:
             line = _JWT.sub(MASK, line)
         return line
+
+
+def redacted_before_encoding(message: str, fields: dict) -> tuple[str, dict]:
+    """The message and string fields with the secrets of their URLs and connection strings masked.
+
+    Done before JSON encoding as well as after: a quoted libpq value (`password='a b\\'c'`) is
+    only delimited reliably before its quotes and backslashes are escaped for JSON.
+    """
+    return redact_text(message), {key: redact_text(value) if isinstance(value, str) else value
+                                  for key, value in fields.items()}
 
 
 _formatted_second: list = [-1, ""]  # the last second formatted: most lines share it
@@ -139,6 +154,8 @@ class JsonFormatter(logging.Formatter):
     def line(self, created: float, level: str, logger: str, message: str, pid: int, fields: dict,
              redact: bool = True) -> str:
         """One log line (no newline): the common fields, the request id, then `fields`, scrubbed unless told."""
+        if redact:
+            message, fields = redacted_before_encoding(message, fields)
         entry = {
             "timestamp": utc_iso(created),
             "level": level,
@@ -269,33 +286,39 @@ def access_log_enabled(access_log: bool, level: str) -> bool:
 
 
 def secret_values(settings) -> list[str]:
-    """The values of the secret settings, of the secret files and a database URL's password, to mask in every line."""
+    """The values of the secret settings, of the secret files and of the credentials in URLs, to mask in every line.
+
+    A URL's credentials are taken wherever they sit (userinfo, query, as written and decoded), and
+    from every setting: a line may show the password alone, outside the URL it came from.
+    """
     from conf.settings import SETTINGS
 
     values = []
     for setting in SETTINGS:
         value = getattr(settings, setting.attr, None)
-        if setting.secret and isinstance(value, str):
-            values.append(value)
+        if isinstance(value, str):
+            if setting.secret:
+                values.append(value)
+            values.extend(secrets_in(value))  # DATABASE_URL's password, S3_ENDPOINT_URL's token...
     from conf.secret_files import file_secret_values
 
     values.extend(file_secret_values(settings))  # JWT_SECRET_FILE, INTERNAL_SERVICE_TOKEN_FILE
     url = getattr(settings, "database_url", None)
     if url:
-        password = database_password(url)
-        if password:
-            values.append(password)
+        values.extend(database_passwords(url))
     return values
 
 
-def database_password(url: str) -> str | None:
+def database_passwords(url: str) -> list[str]:
+    """The password and sslpassword as libpq reads them from the URL (decoded, from userinfo or query)."""
     import psycopg
     from psycopg import conninfo
 
     try:
-        return conninfo.conninfo_to_dict(url).get("password")
+        params = conninfo.conninfo_to_dict(url)
     except psycopg.Error:  # a malformed URL was refused by conf.settings already
-        return None
+        return []
+    return [str(params[key]) for key in ("password", "sslpassword") if params.get(key)]
 
 
 class GunicornJsonLogger(glogging.Logger):

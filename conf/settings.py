@@ -20,6 +20,7 @@ from psycopg import conninfo
 from conf.tls import check_tls, parse_client_auth, parse_pem_file
 
 from conf.rate_limits import RateLimits, parse_rate_limits
+from conf.redact import redact, redact_text
 from conf.secret_files import FILE_VARIABLES, read_jwt_secrets, read_secret_file, read_service_tokens
 
 
@@ -252,7 +253,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SIRA_ACCESS_LOG", "off", parse_switch,
             "on: one JSON access log line per HTTP request (written after the response is sent)."),
     Setting("METRICS_BIND", None, parse_bind,
-            "Optional HOST:PORT of an ops port that serves only /metrics, /healthz and /readyz (no token: restrict it to the scraper). /metrics is on SIRA_BIND too."),
+            "Optional HOST:PORT of an ops port that serves only /metrics, /healthz and /readyz (no token: restrict it to the scraper). /metrics is on SIRA_BIND too unless SIRA_METRICS_ON_MAIN_PORT is off."),
+    Setting("SIRA_METRICS_ON_MAIN_PORT", "on", parse_switch,
+            "on: GET /metrics answers on SIRA_BIND too, without a token (one port is all `make run` needs); off: only on METRICS_BIND's port, 404 NOT_FOUND on SIRA_BIND (the shipped Kubernetes config: every client reaches SIRA_BIND, and a scrape costs the answering worker a merge of every metrics file). Off without METRICS_BIND: /metrics is served nowhere."),
+    Setting("SIRA_OPENAPI_FEATURE_SPECS", "off", parse_switch,
+            "on: /openapi.json shows every served product's payload schema (feature names, bounds, categories) to anyone; off: only to a request with a valid token (any role), and without one a generic payload. A fraud model's inputs are what a fraudster wants to learn."),
     Setting("SIRA_BATCH_MAX", "256", parse_bounded_int(1, 10_000), "Most events in one POST /v1/infer/batch."),
     Setting("SIRA_MAX_BODY_BYTES", "1048576", parse_bounded_int(1024, 64 * 1024 * 1024), "Largest request body accepted (413 above)."),
     Setting("SIRA_KEEPALIVE_S", "5", parse_bounded_int(0, 3600), "Seconds an idle keep-alive connection stays open."),
@@ -328,6 +333,8 @@ class Settings:
     log_level: str
     access_log: bool
     metrics_bind: str | None
+    metrics_on_main_port: bool
+    openapi_feature_specs: bool
     batch_max: int
     max_body_bytes: int
     keepalive_s: int
@@ -380,7 +387,7 @@ def load_settings(environ: Mapping[str, str] | None = None, read_secret_files: b
         try:
             values[setting.attr] = setting.parse(raw)
         except ValueError as exc:
-            raise ConfigError(f"{setting.env}: expected {exc}") from None
+            raise ConfigError(redact_text(f"{setting.env}: expected {exc}")) from None  # a bad URL may hold a password
     if values["workers"] is None:
         values["workers"] = default_workers()
     check_metrics_bind(values["bind"], values["metrics_bind"])
@@ -439,16 +446,20 @@ def check_metrics_bind(bind: str, metrics_bind: str | None) -> None:
 
 
 def mask(setting: Setting, value: Any) -> str:
-    """The value as `sira config` shows it: secrets replaced, a database password hidden."""
+    """The value as `sira config` shows it: secrets replaced, a database password hidden.
+
+    DATABASE_URL is shown with only its secrets masked (conf/redact.py), so that its host, port and
+    database can be checked; any other value may embed a URL with credentials (S3_ENDPOINT_URL).
+    """
     if value is None:
         return "(unset)"
     if setting.env == "DATABASE_URL":
-        return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1****@", value)
+        return redact(value)
     if setting.secret:
         return "****"
     if isinstance(value, dict):
-        return ",".join(f"{k}={v}" for k, v in value.items())
-    return str(value)
+        return redact(",".join(f"{k}={v}" for k, v in value.items()))
+    return redact(str(value))
 
 
 def effective_values(settings: Settings) -> list[tuple[str, str, str]]:

@@ -17,7 +17,7 @@ import math
 import struct
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Final, Mapping
 
 from shm.segment import (
@@ -31,7 +31,7 @@ from shm.segment import (
 )
 
 MAGIC: Final = b"SIRACTRL"
-LAYOUT_VERSION: Final = 1
+LAYOUT_VERSION: Final = 2  # 2: a canary routing seed in each entry
 DEFAULT_MAX_PRODUCTS: Final = 16
 MAX_BASIS_POINTS: Final = 10_000
 MODES: Final = ("canary", "shadow")
@@ -39,6 +39,8 @@ MODES: Final = ("canary", "shadow")
 PRODUCT_BYTES: Final = 64
 VERSION_BYTES: Final = 64
 PATH_BYTES: Final = 256
+SEED_BYTES: Final = 16
+ZERO_SEED: Final = bytes(SEED_BYTES)
 SPECIFIC_HEADER_SIZE: Final = 64
 GENERATION_AREA: Final = 64  # the generation alone in its cache line
 MAX_READ_ATTEMPTS: Final = 10_000
@@ -50,7 +52,8 @@ _CONTROL_HEADER = struct.Struct("<III")  # max products, entry size, buffer stri
 _U64 = struct.Struct("<Q")
 _BUFFER_HEADER = struct.Struct("<QII")  # generation of the content, product count, crc32
 _SLOT_FORMAT = "16sB64sH256sH256sdd3x"
-_ENTRY = struct.Struct("<B64sBHB3x" + _SLOT_FORMAT * 2)
+_ENTRY = struct.Struct("<B64sBHB3x16s" + _SLOT_FORMAT * 2)
+_HEAD_FIELDS: Final = 6  # product len, product, flags, canary bp, mode, seed
 _SLOT_FIELDS: Final = 9
 _ZERO_SLOT: Final = (bytes(16), 0, b"", 0, b"", 0, b"", 0.0, 0.0)
 
@@ -80,6 +83,9 @@ class ProductEntry:
     canary: ModelSlot | None = None
     canary_bp: int = 0           # share of traffic for the canary in basis points, 0-10000
     mode: str = "canary"         # "canary" (serves its share) or "shadow" (scored, not served)
+    # The canary's routing seed (app/canary_routing.py): 16 bytes, kept out of repr so that a
+    # logged entry never shows it.
+    canary_seed: bytes = field(default=ZERO_SEED, repr=False)
 
 
 class ControlBlock(SegmentBacked):
@@ -87,7 +93,7 @@ class ControlBlock(SegmentBacked):
 
     Binary layout (all integers little-endian, offsets in bytes)::
 
-        0 .. 64       common segment header (shm.segment): magic b"SIRACTRL", layout version 1
+        0 .. 64       common segment header (shm.segment): magic b"SIRACTRL", layout version 2
         64 .. 128     control header: max products u32 | entry size u32 | buffer stride u32 | 0..
         128           generation u64, then zeros to 192 (its own cache line)
         192           buffer 0 (tables of even generations)
@@ -96,13 +102,17 @@ class ControlBlock(SegmentBacked):
         one buffer:
         0           8         12        16
         +-----------+---------+---------+---------------------------------------+
-        | generation| count   | crc32 of| count entries of 1304 bytes, then     |
+        | generation| count   | crc32 of| count entries of 1320 bytes, then     |
         | of content| u32     | entries | zeros up to max products               |
         +-----------+---------+---------+---------------------------------------+
 
-        one entry (1304 bytes):
+        one entry (1320 bytes):
         product len u8 | product 64s | flags u8 (1 production, 2 canary) | canary bp u16 |
-        mode u8 (0 canary, 1 shadow) | 3 pad | production slot (616) | canary slot (616)
+        mode u8 (0 canary, 1 shadow) | 3 pad | canary routing seed 16s |
+        production slot (616) | canary slot (616)
+
+        layout version 1 had no seed (entries of 1304 bytes); the seed keys the canary's bucket
+        hash, so clients cannot compute which events the canary gets.
 
         one slot (616 bytes):
         model id 16s (uuid bytes) | version len u8 | version 64s | path len u16 | path 256s |
@@ -234,10 +244,13 @@ def _encode_entry(key: str, entry: ProductEntry) -> bytes:
                          f"[0, {MAX_BASIS_POINTS}]")
     if entry.mode not in MODES:
         raise ValueError(f"mode {entry.mode!r} must be one of {MODES}")
+    if not (isinstance(entry.canary_seed, bytes) and len(entry.canary_seed) == SEED_BYTES):
+        raise ValueError(f"canary_seed must be {SEED_BYTES} bytes")
     flags = ((_HAS_PRODUCTION if entry.production else 0)
              | (_HAS_CANARY if entry.canary else 0))
     return _ENTRY.pack(len(product), product, flags, entry.canary_bp, MODES.index(entry.mode),
-                       *_slot_fields(entry.production), *_slot_fields(entry.canary))
+                       entry.canary_seed, *_slot_fields(entry.production),
+                       *_slot_fields(entry.canary))
 
 
 def _slot_fields(slot: ModelSlot | None) -> tuple:
@@ -269,18 +282,19 @@ def _encode_text(text: str, limit: int, label: str) -> bytes:
 
 def _decode_entry(fields: tuple, segment: Segment) -> ProductEntry:
     """Build a ProductEntry from unpacked fields, raising ControlCorrupt on bad bytes."""
-    product_len, product, flags, canary_bp, mode = fields[:5]
+    product_len, product, flags, canary_bp, mode, seed = fields[:_HEAD_FIELDS]
     if not 0 < product_len <= PRODUCT_BYTES or flags > 3 or canary_bp > MAX_BASIS_POINTS \
             or mode >= len(MODES):
         raise ControlCorrupt(f"{segment.path}: entry with product length {product_len}, "
                              f"flags {flags}, canary bp {canary_bp}, mode {mode}")
-    production = fields[5:5 + _SLOT_FIELDS] if flags & _HAS_PRODUCTION else None
-    canary = fields[5 + _SLOT_FIELDS:] if flags & _HAS_CANARY else None
+    production = (fields[_HEAD_FIELDS:_HEAD_FIELDS + _SLOT_FIELDS] if flags & _HAS_PRODUCTION
+                  else None)
+    canary = fields[_HEAD_FIELDS + _SLOT_FIELDS:] if flags & _HAS_CANARY else None
     return ProductEntry(
         product=_decode_text(product, product_len, segment),
         production=None if production is None else _decode_slot(production, segment),
         canary=None if canary is None else _decode_slot(canary, segment),
-        canary_bp=canary_bp, mode=MODES[mode])
+        canary_bp=canary_bp, mode=MODES[mode], canary_seed=seed)
 
 
 def _decode_slot(fields: tuple, segment: Segment) -> ModelSlot:

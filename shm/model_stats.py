@@ -13,6 +13,15 @@ cells, nothing more::
         7 allow | 8 review | 9 block        answers by decision
         10 .. 10 + BUCKETS  latency histogram: bucket i counts runs of at most BOUNDS_US[i]
                             (the last bucket: everything slower)
+        138 explained runs (of those in cell 5) | 139 their latency sum, microseconds
+        140 .. 140 + BUCKETS  latency histogram of the explained runs alone
+
+Every timed run is in cells 5, 6 and the first histogram; a run that also explained (occlusion
+rows: one extra row per feature off its baseline, about twice a plain run for the demo trees) is
+counted again in the explained cells, so the plain runs are the difference. The rollback watch compares plain runs with
+plain runs and explained with explained: a client that asks for explanations only on the canary's
+events makes the canary's runs dearer, not its model slower. Totals (the API's figures,
+sira_inference_metrics) still cover every run.
 
 The latency buckets grow by 10% from 20 us to about 3.6 s, so a p95 read from them is within a
 few percent, fine enough to compare against a 1.3x threshold. A worker that needs an entry and
@@ -39,7 +48,10 @@ BOUNDS_US: Final = tuple(FIRST_BOUND_US * BOUND_RATIO ** i for i in range(BUCKET
 DECISIONS: Final = ("allow", "review", "block")
 _KEY_HIGH, _KEY_LOW, _ROLE, _REQUESTS, _ERRORS, _SCORED, _LATENCY_SUM, _ALLOW, _REVIEW, _BLOCK, _HISTOGRAM = range(11)
 _DECISION_CELL: Final = {"allow": _ALLOW, "review": _REVIEW, "block": _BLOCK}
-ENTRY_CELLS: Final = _HISTOGRAM + BUCKETS
+_EXPLAINED_SCORED: Final = _HISTOGRAM + BUCKETS
+_EXPLAINED_LATENCY_SUM: Final = _EXPLAINED_SCORED + 1
+_EXPLAINED_HISTOGRAM: Final = _EXPLAINED_LATENCY_SUM + 1
+ENTRY_CELLS: Final = _EXPLAINED_HISTOGRAM + BUCKETS
 SLOT_CELLS: Final = ENTRIES_PER_SLOT * ENTRY_CELLS
 
 
@@ -66,17 +78,22 @@ class ModelCounters:
         self._base = first_cell
         self._histogram = first_cell + _HISTOGRAM
 
-    def answered(self, latency_s: float | None, decision: str) -> None:
+    def answered(self, latency_s: float | None, decision: str, explained: bool = False) -> None:
         """One event answered by this model with ``decision``; ``latency_s`` when the model ran
-        (None: a cache hit)."""
+        (None: a cache hit); ``explained`` when that run computed explanations too."""
         cells, base = self._cells, self._base
         cells[base + _REQUESTS] += 1
         cells[base + _DECISION_CELL[decision]] += 1
         if latency_s is not None:
             micros = latency_s * 1e6
+            bucket = bisect.bisect_left(BOUNDS_US, micros)
             cells[base + _SCORED] += 1
             cells[base + _LATENCY_SUM] += int(micros)
-            cells[self._histogram + bisect.bisect_left(BOUNDS_US, micros)] += 1
+            cells[self._histogram + bucket] += 1
+            if explained:
+                cells[base + _EXPLAINED_SCORED] += 1
+                cells[base + _EXPLAINED_LATENCY_SUM] += int(micros)
+                cells[base + _EXPLAINED_HISTOGRAM + bucket] += 1
 
     def failed(self) -> None:
         """One request this model could not answer (it raised, or scored nonsense)."""
@@ -160,16 +177,24 @@ class ModelFigures:
     latency_sum_us: int = 0
     histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * BUCKETS)
     decisions: list[int] = dataclasses.field(default_factory=lambda: [0] * len(DECISIONS))  # allow, review, block
+    # The subset of the timed runs that explained (see the module docstring).
+    explained_scored: int = 0
+    explained_latency_sum_us: int = 0
+    explained_histogram: list[int] = dataclasses.field(default_factory=lambda: [0] * BUCKETS)
 
     def add(self, cells: list[int]) -> None:
         self.requests += cells[_REQUESTS]
         self.errors += cells[_ERRORS]
         self.scored += cells[_SCORED]
         self.latency_sum_us += cells[_LATENCY_SUM]
+        self.explained_scored += cells[_EXPLAINED_SCORED]
+        self.explained_latency_sum_us += cells[_EXPLAINED_LATENCY_SUM]
         for i in range(len(DECISIONS)):
             self.decisions[i] += cells[_ALLOW + i]
         for i, count in enumerate(cells[_HISTOGRAM:_HISTOGRAM + BUCKETS]):
             self.histogram[i] += count
+        for i, count in enumerate(cells[_EXPLAINED_HISTOGRAM:_EXPLAINED_HISTOGRAM + BUCKETS]):
+            self.explained_histogram[i] += count
 
     @property
     def error_rate(self) -> float:
@@ -177,33 +202,57 @@ class ModelFigures:
 
     def latency_quantile_ms(self, quantile: float) -> float | None:
         """The quantile of the timed runs, interpolated inside its bucket; None without runs."""
-        total = sum(self.histogram)
-        if not total:
-            return None
-        rank = quantile * total
-        seen = 0
-        for i, count in enumerate(self.histogram):
-            if count and seen + count >= rank:
-                low = BOUNDS_US[i - 1] if i > 0 else 0.0
-                high = BOUNDS_US[i] if i < len(BOUNDS_US) else BOUNDS_US[-1] * BOUND_RATIO
-                return (low + (high - low) * (rank - seen) / count) / 1000.0
-            seen += count
-        return BOUNDS_US[-1] / 1000.0
+        return histogram_quantile_ms(self.histogram, quantile)
+
+    def runs(self, explained: bool) -> ModelFigures:
+        """These figures with the timed runs narrowed to the explained ones, or to the plain ones
+        (requests, errors and decisions unchanged): what the rollback watch compares."""
+        if explained:
+            scored, latency_sum, histogram = (self.explained_scored, self.explained_latency_sum_us,
+                                              list(self.explained_histogram))
+        else:
+            scored = max(0, self.scored - self.explained_scored)
+            latency_sum = max(0, self.latency_sum_us - self.explained_latency_sum_us)
+            histogram = [max(0, a - b) for a, b in zip(self.histogram, self.explained_histogram)]
+        return ModelFigures(self.requests, self.errors, scored, latency_sum, histogram, list(self.decisions))
 
     def minus(self, earlier: ModelFigures) -> ModelFigures:
         """What happened since ``earlier``; a count that went down (an entry reused) counts from 0."""
-        if self.requests < earlier.requests or self.scored < earlier.scored:
-            return dataclasses.replace(self, histogram=list(self.histogram), decisions=list(self.decisions))
-        return ModelFigures(self.requests - earlier.requests, self.errors - earlier.errors,
-                            self.scored - earlier.scored, self.latency_sum_us - earlier.latency_sum_us,
-                            [max(0, a - b) for a, b in zip(self.histogram, earlier.histogram)],
-                            [max(0, a - b) for a, b in zip(self.decisions, earlier.decisions)])
+        if self.requests < earlier.requests or self.scored < earlier.scored \
+                or self.explained_scored < earlier.explained_scored:
+            return dataclasses.replace(self, histogram=list(self.histogram), decisions=list(self.decisions),
+                                       explained_histogram=list(self.explained_histogram))
+        return self._combined(earlier, lambda a, b: max(0, a - b))
 
     def plus(self, other: ModelFigures) -> ModelFigures:
-        return ModelFigures(self.requests + other.requests, self.errors + other.errors, self.scored + other.scored,
-                            self.latency_sum_us + other.latency_sum_us,
-                            [a + b for a, b in zip(self.histogram, other.histogram)],
-                            [a + b for a, b in zip(self.decisions, other.decisions)])
+        return self._combined(other, lambda a, b: a + b)
+
+    def _combined(self, other: ModelFigures, op) -> ModelFigures:
+        """Every count of self and other combined by ``op``, field by field."""
+        return ModelFigures(
+            op(self.requests, other.requests), op(self.errors, other.errors), op(self.scored, other.scored),
+            op(self.latency_sum_us, other.latency_sum_us),
+            [op(a, b) for a, b in zip(self.histogram, other.histogram)],
+            [op(a, b) for a, b in zip(self.decisions, other.decisions)],
+            op(self.explained_scored, other.explained_scored),
+            op(self.explained_latency_sum_us, other.explained_latency_sum_us),
+            [op(a, b) for a, b in zip(self.explained_histogram, other.explained_histogram)])
+
+
+def histogram_quantile_ms(histogram: list[int], quantile: float) -> float | None:
+    """The quantile of a latency histogram, interpolated inside its bucket; None when it is empty."""
+    total = sum(histogram)
+    if not total:
+        return None
+    rank = quantile * total
+    seen = 0
+    for i, count in enumerate(histogram):
+        if count and seen + count >= rank:
+            low = BOUNDS_US[i - 1] if i > 0 else 0.0
+            high = BOUNDS_US[i] if i < len(BOUNDS_US) else BOUNDS_US[-1] * BOUND_RATIO
+            return (low + (high - low) * (rank - seen) / count) / 1000.0
+        seen += count
+    return BOUNDS_US[-1] / 1000.0
 
 
 def read_model_figures(block: CounterBlock) -> dict[tuple[str, str], ModelFigures]:

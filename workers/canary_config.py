@@ -11,6 +11,12 @@ percent is not used for routing). Stopping, by hand or automatically, sets `cana
 and `mode = 'canary'` and keeps both model ids, so a stopped config is plainly inactive whatever
 its mode was, and GET still shows what ran.
 
+Routing seed: every config holds `routing_seed`, 16 random bytes (`secrets`) drawn whenever a
+canary starts (exactly when `started_at` restarts: a new config, a new canary model, or a stopped
+config made active again) and kept by every other change, so raising the percent keeps each
+event's bucket. The supervisors mirror it into the control block; the admin API never answers it
+(app/canary_routing.py says why).
+
 The supervisor uses the sync functions (`active_canaries`, `roll_back`) over a `psycopg.Connection`;
 the admin API the async ones over a `psycopg.AsyncConnection`.
 """
@@ -20,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import decimal
 import re
+import secrets
 from datetime import datetime
 
 import psycopg
@@ -36,8 +43,15 @@ AUTO_ROLLBACK_SUBJECT = "auto-rollback"
 MANUAL_STOP_REASON = "manual stop"
 
 COLUMNS = ("product, canary_model_id::text, production_model_id::text, canary_percent, mode, started_at, "
-           "updated_at, updated_by")
+           "updated_at, updated_by, encode(routing_seed, 'hex')")
+SEED_BYTES = 16
 ACTIVE = "canary_model_id IS NOT NULL AND (canary_percent > 0 OR mode = 'shadow')"
+# In set_canary's upsert (c: the stored row): the change starts a canary, so it gets a new
+# started_at and a new routing seed.
+STARTS = """(c.started_at IS NULL
+             OR c.canary_model_id IS DISTINCT FROM EXCLUDED.canary_model_id
+             OR (NOT (c.canary_percent > 0 OR c.mode = 'shadow')
+                 AND (EXCLUDED.canary_percent > 0 OR EXCLUDED.mode = 'shadow')))"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +64,15 @@ class CanaryConfig:
     started_at: datetime | None
     updated_at: datetime | None
     updated_by: str | None
+    # The routing seed as 32 hex digits (text, so that the registry snapshot's JSON holds it); ""
+    # in a snapshot written before seeds existed. Out of repr: logs never show it.
+    routing_seed: str = dataclasses.field(default="", repr=False)
+
+    @property
+    def seed_bytes(self) -> bytes:
+        """The routing seed as the control block holds it (16 zero bytes when there is none)."""
+        seed = bytes.fromhex(self.routing_seed) if self.routing_seed else b""
+        return seed if len(seed) == SEED_BYTES else bytes(SEED_BYTES)
 
     @property
     def basis_points(self) -> int:
@@ -62,8 +85,9 @@ class CanaryConfig:
 
 
 def config_from_row(row: tuple) -> CanaryConfig:
-    product, canary, production, percent, mode, started_at, updated_at, updated_by = row
-    return CanaryConfig(product, canary, production, float(percent), mode, started_at, updated_at, updated_by)
+    product, canary, production, percent, mode, started_at, updated_at, updated_by, seed = row
+    return CanaryConfig(product, canary, production, float(percent), mode, started_at, updated_at, updated_by,
+                        seed)
 
 
 class CanaryConfigError(Exception):
@@ -159,7 +183,8 @@ async def set_canary(conn: psycopg.AsyncConnection, *, product: str, canary_mode
 
     The registry rows are locked FOR SHARE, so a promotion cannot change them before the commit.
     `started_at` becomes now() for a new config, a new canary model, or a config that goes from
-    stopped to active (percent from 0 to more, or to shadow mode); otherwise it is kept.
+    stopped to active (percent from 0 to more, or to shadow mode); otherwise it is kept. The routing
+    seed follows it: a fresh one from `secrets` when the canary starts, kept otherwise.
     """
     canary_model_id = checked_model_id(canary_model_id, "canary_model_id")
     production_model_id = checked_model_id(production_model_id, "production_model_id")
@@ -169,23 +194,21 @@ async def set_canary(conn: psycopg.AsyncConnection, *, product: str, canary_mode
         await check_models(conn, product, canary_model_id, production_model_id)
         cursor = await conn.execute(
             f"""INSERT INTO sira_canary_config AS c
-                       (product, canary_model_id, production_model_id, canary_percent, mode, started_at, updated_by)
-                VALUES (%(product)s, %(canary)s, %(production)s, %(percent)s, %(mode)s, now(), %(subject)s)
+                       (product, canary_model_id, production_model_id, canary_percent, mode, started_at, updated_by,
+                        routing_seed)
+                VALUES (%(product)s, %(canary)s, %(production)s, %(percent)s, %(mode)s, now(), %(subject)s,
+                        %(seed)s)
                 ON CONFLICT (product) DO UPDATE SET
                        canary_model_id = EXCLUDED.canary_model_id,
                        production_model_id = EXCLUDED.production_model_id,
                        canary_percent = EXCLUDED.canary_percent,
                        mode = EXCLUDED.mode,
                        updated_by = EXCLUDED.updated_by,
-                       started_at = CASE
-                           WHEN c.started_at IS NULL
-                             OR c.canary_model_id IS DISTINCT FROM EXCLUDED.canary_model_id
-                             OR (NOT (c.canary_percent > 0 OR c.mode = 'shadow')
-                                 AND (EXCLUDED.canary_percent > 0 OR EXCLUDED.mode = 'shadow'))
-                           THEN now() ELSE c.started_at END
+                       started_at = CASE WHEN {STARTS} THEN now() ELSE c.started_at END,
+                       routing_seed = CASE WHEN {STARTS} THEN EXCLUDED.routing_seed ELSE c.routing_seed END
                 RETURNING {COLUMNS}""",
             {"product": product, "canary": canary_model_id, "production": production_model_id,
-             "percent": percent, "mode": mode, "subject": subject})
+             "percent": percent, "mode": mode, "subject": subject, "seed": secrets.token_bytes(SEED_BYTES)})
         return config_from_row(await cursor.fetchone())
 
 

@@ -13,6 +13,12 @@ and production as many, and either
   queueing and the other model of a batch do not blur the comparison; cache hits run no model and
   are left out, a canary's failed runs too.
 
+Latency is compared like with like: plain runs with plain runs, explained runs (occlusion: one
+extra row per feature off its baseline) with explained runs, each only when both sides have
+``SIRA_CANARY_MIN_REQUESTS`` runs of that kind. A client chooses ``include_explanation`` and sees
+``model_role``, so it could otherwise ask for explanations on the canary's events alone and make
+the canary look slow (and roll it back) without the canary model being any slower.
+
 Rolling back sets the product's canary percent to 0 in Postgres and writes a row to
 ``sira_canary_rollback_log`` with the reason and the figures (workers/canary_config.py, in one
 transaction, so two instances never both log it), which NOTIFYs every instance to re-sync; the
@@ -64,9 +70,16 @@ class RollbackVerdict:
     figures: dict
 
 
+RUN_KINDS = (("plain", False), ("explained", True))
+
+
 def figures_json(figures: ModelFigures) -> dict:
+    """The figures a rollback logs: totals, then the runs of each kind the latency rule compares."""
+    by_kind = {kind: figures.runs(explained) for kind, explained in RUN_KINDS}
     return {"requests": figures.requests, "errors": figures.errors, "error_rate": round(figures.error_rate, 6),
-            "model_runs": figures.scored, "p95_ms": figures.latency_quantile_ms(0.95)}
+            "model_runs": figures.scored, "p95_ms": figures.latency_quantile_ms(0.95),
+            **{kind: {"model_runs": runs.scored, "p95_ms": runs.latency_quantile_ms(0.95)}
+               for kind, runs in by_kind.items()}}
 
 
 def judge(canary: ModelFigures, production: ModelFigures, rules: RollbackRules) -> str | None:
@@ -75,12 +88,16 @@ def judge(canary: ModelFigures, production: ModelFigures, rules: RollbackRules) 
         return None
     if canary.errors and canary.error_rate > rules.max_error_ratio * production.error_rate:
         return "error_rate"
-    if canary.scored >= rules.min_requests and production.scored >= rules.min_requests:
-        canary_p95 = canary.latency_quantile_ms(0.95)
-        production_p95 = production.latency_quantile_ms(0.95)
-        if canary_p95 > rules.max_latency_ratio * production_p95:
-            return "latency_p95"
+    if any(slower(canary.runs(explained), production.runs(explained), rules) for _, explained in RUN_KINDS):
+        return "latency_p95"
     return None
+
+
+def slower(canary: ModelFigures, production: ModelFigures, rules: RollbackRules) -> bool:
+    """Runs of one kind: the canary's p95 above the ratio times production's, with enough of both."""
+    if min(canary.scored, production.scored) < max(rules.min_requests, 1):
+        return False
+    return canary.latency_quantile_ms(0.95) > rules.max_latency_ratio * production.latency_quantile_ms(0.95)
 
 
 class CanaryWatch:

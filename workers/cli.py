@@ -104,7 +104,7 @@ def check_key_files(settings: Settings) -> None:
 
 def command_serve(settings: Settings, args: argparse.Namespace) -> int:
     from workers.database import open_database
-    from workers.instance import DataDirInUse, lock_data_dir
+    from workers.instance import DataDirInUse, DataDirNotPrivate, check_private, lock_data_dir
     from workers.master import read_ops_config, serve
 
     check_key_files(settings)
@@ -115,8 +115,9 @@ def command_serve(settings: Settings, args: argparse.Namespace) -> int:
     if args.workers:
         settings = settings.replace(workers=args.workers)
     try:  # before anything in the data dir is touched: the database, the metrics folder, the spool
+        check_private(settings.data_dir)
         lock = lock_data_dir(settings.data_dir)
-    except DataDirInUse as exc:
+    except (DataDirInUse, DataDirNotPrivate) as exc:
         raise UsageError(str(exc)) from None
     with lock, open_database(settings.database_url, settings.data_dir) as dsn:
         serve(settings, dsn)  # migrations first (workers/bootstrap.py)

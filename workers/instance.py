@@ -25,14 +25,17 @@ import hashlib
 import logging
 import os
 import secrets
+import stat
 import time
 
+from app.predlog import BATCHES_DIR, CORRUPT_DIR, OVERFLOW_DIR, REJECTED_DIR, SPOOL_DIR
 from shm.segment import DEFAULT_DIRECTORY, NAME_PREFIX
 from workers.processes import process_exists
 
 log = logging.getLogger("sira.master")
 
 LOCK_FILE = "sira.lock"
+SPOOL_SUBDIRS = (BATCHES_DIR, OVERFLOW_DIR, REJECTED_DIR, CORRUPT_DIR)
 # The lock's last master is gone but its workers may still be finishing (gunicorn's workers notice a
 # dead master within a second; the sidecars die with it): wait this long before refusing.
 ORPHANS_EXIT_WAIT_S = 5.0
@@ -41,6 +44,31 @@ _LOCK_POLL_S = 0.05
 
 class DataDirInUse(Exception):
     """Another `sira serve` (or what is left of one) holds the data dir."""
+
+
+class DataDirNotPrivate(Exception):
+    """Someone other than the server's user could write into the data dir or its spool."""
+
+
+GROUP_OR_OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
+def check_private(data_dir: str) -> None:
+    """The data dir and its spool folders must not be writable by group or others.
+
+    What they hold goes into the immutable prediction log as it is: a file another user could put
+    there would become rows. A folder that does not exist yet is created private by the server.
+    """
+    spool = os.path.join(data_dir, SPOOL_DIR)
+    for path in (data_dir, spool, *(os.path.join(spool, sub) for sub in SPOOL_SUBDIRS)):
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if mode & GROUP_OR_OTHERS_WRITE:
+            raise DataDirNotPrivate(
+                f"{os.path.abspath(path)} is writable by group or others (mode {stat.S_IMODE(mode):04o}); only the "
+                f"server's user may write where the prediction log keeps its files: chmod go-w {os.path.abspath(path)}")
 
 
 def data_dir_key(data_dir: str) -> str:
@@ -81,7 +109,7 @@ class DataDirLock:
 
 def lock_data_dir(data_dir: str, wait_for_orphans_s: float = ORPHANS_EXIT_WAIT_S) -> DataDirLock:
     """Hold the data dir for this process and its children; DataDirInUse when another instance has it."""
-    os.makedirs(data_dir, exist_ok=True)
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
     path = os.path.join(os.path.abspath(data_dir), LOCK_FILE)
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:

@@ -227,6 +227,8 @@ def serve(settings: Settings, dsn: str) -> None:
         database_url=dsn,
         prediction_log=prediction_log_config(settings, dsn, instance_id, adopted_rings),
         metrics_port=int(settings.metrics_bind.rpartition(":")[2]) if settings.metrics_bind else None,
+        metrics_on_main_port=settings.metrics_on_main_port,
+        openapi_feature_specs=settings.openapi_feature_specs,
         rate_limit_segment=rate_limit_segment_name(instance_id),
         rate_limits=settings.rate_limits,
         dependencies_file=data_path(settings.data_dir, DEPENDENCIES_FILE),  # /readyz shows it

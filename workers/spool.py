@@ -42,6 +42,7 @@ from app.predlog_files import (
     BatchName,
     OverflowName,
     decode_frames,
+    decode_overflow,
     encode_frames,
     fsync_directory,
 )
@@ -255,10 +256,12 @@ def id_time_span(records: list[bytes]) -> tuple[int, int]:
 
 @dataclasses.dataclass(frozen=True)
 class OverflowFile:
-    """One overflow file ready for replay, with its complete records."""
+    """One overflow file ready for replay: its good records, and what followed them (``decode_overflow``)."""
 
     path: str
     records: list[bytes]
+    rest: bytes = b""
+    torn: bool = False
 
 
 class OverflowFiles:
@@ -306,14 +309,14 @@ class OverflowFiles:
         return not self._pid_alive(name.pid)
 
     def read(self, path: str) -> OverflowFile:
-        """The complete records of one file (a torn last frame, from a crash mid-write, is left out)."""
+        """The good records of one file, and the bytes after them (a torn last frame, or damage)."""
         with open(path, "rb") as handle:
             data = handle.read()
-        records, end = decode_frames(data)
-        if end != len(data):
+        found = decode_overflow(data)
+        if found.rest and found.torn:
             log.warning("overflow file %s ends with %d bytes of a torn record (its worker died "
-                        "writing it; that prediction was never answered)", path, len(data) - end)
-        return OverflowFile(path, records)
+                        "writing it; that prediction was never answered)", path, len(found.rest))
+        return OverflowFile(path, found.records, found.rest, found.torn)
 
     def remove(self, item: OverflowFile) -> None:
         """Forget a file whose rows Postgres committed."""

@@ -25,12 +25,12 @@ import os
 from collections.abc import Iterator
 from typing import Any
 
-from app.predlog_files import decode_frames
+from app.predlog_files import decode_overflow
 from workers.spool import decode_batch
 
 log = logging.getLogger("sira.writer")
 
-BATCHES, OVERFLOW = "batches", "overflow"
+BATCHES, OVERFLOW, CORRUPT = "batches", "overflow", "corrupt"
 
 
 class HandoffError(Exception):
@@ -39,10 +39,11 @@ class HandoffError(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class HandedOff:
-    """One object of the handoff prefix, read back: its key and its records."""
+    """One object of the handoff prefix, read back: its key, its records, and damaged bytes after them."""
 
     key: str
     records: list[bytes]
+    damaged: bytes = b""
 
 
 class SpoolHandoff:
@@ -82,7 +83,7 @@ class SpoolHandoff:
                 Bucket=self.store.bucket, Prefix=self.prefix)
             for page in pages:
                 keys.extend(item["Key"] for item in page.get("Contents", []))
-        return sorted(keys)
+        return sorted(key for key in keys if not key.startswith(f"{self.prefix}{CORRUPT}/"))
 
     def read(self, key: str) -> HandedOff | None:
         """The records of one object; None when another writer replayed and deleted it meanwhile."""
@@ -95,7 +96,14 @@ class SpoolHandoff:
                 if exc.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                     return None
                 raise
-        return HandedOff(key, decode_object(key, data))
+        return decode_object(key, data)
+
+    def keep_damaged(self, key: str, data: bytes) -> str:
+        """Damaged bytes of a replayed object stay in the bucket, under ``<prefix>corrupt/``, for a person."""
+        kept = f"{self.prefix}{CORRUPT}/{key[len(self.prefix):]}"
+        with self._errors(f"keeping the damaged part of {key}"):
+            self.store.client.put_object(Bucket=self.store.bucket, Key=kept, Body=data)
+        return kept
 
     def delete(self, key: str) -> None:
         with self._errors(f"deleting {key}"):
@@ -112,12 +120,12 @@ class SpoolHandoff:
             raise HandoffError(f"{self.describe()}: {action}: {exc}") from None
 
 
-def decode_object(key: str, data: bytes) -> list[bytes]:
+def decode_object(key: str, data: bytes) -> HandedOff:
     """The records of a handed-off file, by its kind (the folder it came from)."""
     kind = key.rsplit("/", 2)[-2] if key.count("/") >= 2 else ""
     if kind == BATCHES:
-        return decode_batch(data, key)
+        return HandedOff(key, decode_batch(data, key))
     if kind == OVERFLOW:
-        records, _end = decode_frames(data)  # a torn last frame was never answered
-        return records
+        found = decode_overflow(data)  # a torn last frame was never answered: it is dropped
+        return HandedOff(key, found.records, b"" if found.torn else found.rest)
     raise HandoffError(f"{key}: not a batches/ or overflow/ object of the handoff prefix")

@@ -529,7 +529,8 @@ def product_entry(product: str, slot: ModelSlot | None, canary_slot: ModelSlot |
     if canary_slot is None or canary is None:
         return ProductEntry(product=product, production=slot)
     return ProductEntry(product=product, production=slot, canary=canary_slot,
-                        canary_bp=canary.config.basis_points, mode=canary.config.mode)
+                        canary_bp=canary.config.basis_points, mode=canary.config.mode,
+                        canary_seed=canary.config.seed_bytes)
 
 
 def check_fits(model: registry.RegistryModel, path: str) -> None:

@@ -40,7 +40,7 @@ from shm.counters import CounterBlock
 from shm.ring import QueueRings
 from workers.prediction_sink import DatabaseAway, PostgresSink
 from workers.retry import Backoff
-from workers.spool import BatchSpool, OverflowFiles, SpoolCorrupt
+from workers.spool import BatchSpool, OverflowFile, OverflowFiles, SpoolCorrupt, keep_aside
 from workers.spool_handoff import BATCHES, OVERFLOW, HandoffError, SpoolHandoff
 from workers.writer_rings import RingSet
 
@@ -279,10 +279,24 @@ class PredictionWriter:
                 continue
             if item.records and not await self.write_rows(item.records):
                 return False
+            if item.rest:
+                self.keep_rest_of(item)
             self.overflow.remove(item)
             self.stats.add(Stat.ROWS_REPLAYED, len(item.records))
             return True
         return await self.replay_handed_off()
+
+    def keep_rest_of(self, item: OverflowFile) -> None:
+        """What followed an overflow file's good records goes to corrupt/ before the file goes.
+
+        A torn last record (its worker died writing it) was never answered; a frame whose crc32
+        failed is damage, counted and logged. OSError leaves the file for the next round.
+        """
+        kept = keep_aside(self.config.corrupt_dir, os.path.basename(item.path), item.rest)
+        if not item.torn:
+            self.stats.add(Stat.FILE_DAMAGE)
+            log.error("overflow file %s: a record failed its checksum; %d bytes from there are kept in %s",
+                      item.path, len(item.rest), kept)
 
     # -- the bucket: the spool outlives the pod ---------------------------------------------------
 
@@ -333,6 +347,10 @@ class PredictionWriter:
             self.stats.add(Stat.ROWS_WRITTEN, len(item.records))
             self.stats.add(Stat.ROWS_REPLAYED, len(item.records))
             try:
+                if item.damaged:
+                    kept = await asyncio.to_thread(self.handoff.keep_damaged, key, item.damaged)
+                    self.stats.add(Stat.FILE_DAMAGE)
+                    log.error("handed-off %s: a record failed its checksum; the rest is kept at %s", key, kept)
                 await asyncio.to_thread(self.handoff.delete, key)
             except HandoffError as exc:  # replayed again later: the insert is idempotent
                 self._handoff_trouble(exc)

@@ -21,7 +21,7 @@ from collections.abc import Iterator
 import orjson
 import uvloop
 
-from app.predlog import PredictionLogConfig, Stat, stat_cells
+from app.predlog import SPOOL_DIR, PredictionLogConfig, Stat, stat_cells
 from conf.settings import Settings
 from shm.counters import CounterBlock
 from shm.ring import QueueRings
@@ -111,7 +111,6 @@ def run_writer(config: PredictionLogConfig) -> int:
 
 RINGS_KIND = "predlog"
 STATS_KIND = "predstats"
-SPOOL_DIR = "spool"
 
 
 def prediction_log_config(settings: Settings, dsn: str, instance_id: str,
@@ -153,7 +152,7 @@ def prediction_log_segments(config: PredictionLogConfig) -> Iterator[None]:
     unwind the master's stack through here too: they only unmap.
     """
     for directory in (config.spool_dir, config.overflow_dir, config.batches_dir):
-        os.makedirs(directory, exist_ok=True)
+        os.makedirs(directory, mode=0o700, exist_ok=True)  # private: workers/instance.py check_private
     rings = QueueRings.create(config.rings_segment, config.slots, config.ring_bytes)
     stats = None
     try:

@@ -3,7 +3,7 @@
 ``RingSet`` takes batches from every slot in turn (``take``) and isolates each slot from the others:
 
 - a record whose checksum fails (shm/ring_reader.py) is set aside, its bytes kept under the spool's
-  ``corrupt/`` with a log line and ``sira_prediction_ring_damage_total``, and the slot flows on. A
+  ``corrupt/`` with a log line and ``sira_prediction_damage_total``, and the slot flows on. A
   record that fails its check while its producer runs is given ``DAMAGE_GRACE_S`` first: on a weakly
   ordered CPU (arm64) the bytes of a record may become visible after its published position;
 - a slot whose positions are impossible (its header was damaged) is reset after its bytes are kept;

@@ -82,6 +82,17 @@ def test_set_then_get_answers_the_config(ml_ops, server, candidate):
     assert got.json() == body
     log = server.log()
     assert f"{SUBJECT} set the canary of fraud_score: model {candidate}" in log
+    assert_seed_kept_private(server, [response.text, got.text], log)
+
+
+def assert_seed_kept_private(server, answers: list[str], log: str) -> None:
+    """The routing seed is in Postgres, and in no answer and no log line (clients must not compute buckets)."""
+    with psycopg.connect(server.env["DATABASE_URL"]) as conn:
+        (seed,), = conn.execute("SELECT routing_seed FROM sira_canary_config WHERE product = 'fraud_score'").fetchall()
+    assert len(seed) == 16
+    for answer in answers:
+        assert "seed" not in answer.lower() and seed.hex() not in answer.lower()
+    assert seed.hex() not in log.lower()
 
 
 def test_shadow_mode_and_two_decimals_are_kept(ml_ops, candidate):

@@ -2,8 +2,9 @@
 
 The canary is set through POST /v1/canary; the supervisor mirrors it into the control block (its
 NOTIFY reaches every instance on the database), the workers route each event by its bucket
-(app/canary_routing.py, recomputed here to check every answer), and the supervisor's watch rolls a
-misbehaving canary back (workers/canary_watch.py).
+(app/canary_routing.py, recomputed here with the canary's routing seed, read from Postgres since
+the API never answers it, to check every answer), and the supervisor's watch rolls a misbehaving
+canary back (workers/canary_watch.py).
 """
 
 from __future__ import annotations
@@ -83,11 +84,17 @@ def roles_of(url: str, events: list[dict]) -> dict[str, str]:
     return roles
 
 
-def canary_in_force(url: str, basis_points: int) -> bool:
+def routing_seed(dsn: str) -> bytes:
+    """The product's canary routing seed, as the supervisors read it (no API answers it)."""
+    with psycopg.connect(dsn) as conn:
+        return conn.execute("SELECT routing_seed FROM sira_canary_config WHERE product = %s", (PRODUCT,)).fetchone()[0]
+
+
+def canary_in_force(url: str, basis_points: int, seed: bytes) -> bool:
     """An event that must meet the canary at this share does, and one that must not does not."""
     probe = [event(f"probe-{i}") for i in range(200)]
     roles = roles_of(url, probe)
-    return all((roles[e["event_id"]] == "canary") == goes_to_canary(PRODUCT, e["event_id"], basis_points)
+    return all((roles[e["event_id"]] == "canary") == goes_to_canary(PRODUCT, e["event_id"], basis_points, seed)
                for e in probe)
 
 
@@ -104,20 +111,22 @@ def test_a_canary_routes_by_bucket_on_every_worker_and_raising_it_keeps_its_even
     canary_id = publish(server, dense_model, "canary-1")
     set_at = time.monotonic()
     set_canary(server, canary_id, 10)
-    wait_for(lambda: canary_in_force(server.url, 1000), "the 10% canary in force")
+    seed = routing_seed(fresh_db)
+    wait_for(lambda: canary_in_force(server.url, 1000, seed), "the 10% canary in force")
     print(f"\n10% canary in force {time.monotonic() - set_at:.2f}s after POST /v1/canary")
 
     events = [event() for _ in range(20_000)]
     first = roles_of(server.url, events)
     on_canary = {event_id for event_id, role in first.items() if role == "canary"}
     assert 1800 <= len(on_canary) <= 2200, len(on_canary)  # 10% +/- 1%
-    assert all((event_id in on_canary) == goes_to_canary(PRODUCT, event_id, 1000) for event_id in first)
+    assert all((event_id in on_canary) == goes_to_canary(PRODUCT, event_id, 1000, seed) for event_id in first)
     again = roles_of(server.url, events[:4000])  # sent again, over fresh connections
     assert all(again[event_id] == first[event_id] for event_id in again)
 
     config = set_canary(server, canary_id, 25)
     assert config["canary_percent"] == 25
-    wait_for(lambda: canary_in_force(server.url, 2500), "the 25% canary in force")
+    assert routing_seed(fresh_db) == seed  # raising the share keeps the seed
+    wait_for(lambda: canary_in_force(server.url, 2500, seed), "the 25% canary in force")
     raised = roles_of(server.url, events)
     assert all(raised[event_id] == "canary" for event_id in on_canary)  # nobody moved back
     assert 4800 <= sum(role == "canary" for role in raised.values()) <= 5200  # 25% +/- 1%
@@ -152,11 +161,12 @@ def test_a_canary_set_on_one_instance_is_in_force_on_another_sharing_the_databas
     canary_id = publish(first, dense_model, "canary-2")
     set_at = time.monotonic()
     set_canary(first, canary_id, 50)
-    wait_for(lambda: canary_in_force(second.url, 5000), "the canary on the second instance")
+    seed = routing_seed(fresh_db)
+    wait_for(lambda: canary_in_force(second.url, 5000, seed), "the canary on the second instance")
     print(f"\ncanary set on one instance in force on the other {time.monotonic() - set_at:.2f}s later")
     stopped = httpx.post(f"{second.url}/v1/canary/{PRODUCT}/stop", headers=bearer("ml_ops", subject="ops-anna"))
     assert stopped.status_code == 200, stopped.text
-    wait_for(lambda: canary_in_force(first.url, 0), "the stop on the first instance")
+    wait_for(lambda: canary_in_force(first.url, 0, seed), "the stop on the first instance")
 
 
 def logged_roles(dsn: str, event_ids: list[str]) -> dict[tuple[str, str], str]:
@@ -265,7 +275,8 @@ def test_a_failing_canary_trips_its_breaker_and_failing_again_is_rolled_back(ser
     (product, rolled_back_id, reason, figures, triggered_by), = rollback_rows(fresh_db)
     assert (product, rolled_back_id, reason, triggered_by) == (PRODUCT, canary_id, "circuit_breaker", "auto")
     assert figures["breaker"]["failures_after_cooldown"] >= 1
-    canary_events = [a for event_id, a in answers if goes_to_canary(PRODUCT, event_id, 5000)]
+    seed = routing_seed(fresh_db)
+    canary_events = [a for event_id, a in answers if goes_to_canary(PRODUCT, event_id, 5000, seed)]
     assert all(a["model_role"] == "production" for a in canary_events)  # the canary never answered
     in_force = canary_events[next(i for i, a in enumerate(canary_events) if a.get("fallback")):]
     answered_before_rollback = [a for a in in_force if a.get("fallback")]
@@ -320,7 +331,8 @@ def test_a_canary_over_its_time_budget_is_answered_by_production(server_factory,
 
     wait_for(over_budget_seen, "the canary in force")
     over_budget_seen()
-    canary_events = [a for sent, a in answers if goes_to_canary(PRODUCT, sent["event_id"], 5000)]
+    seed = routing_seed(fresh_db)
+    canary_events = [a for sent, a in answers if goes_to_canary(PRODUCT, sent["event_id"], 5000, seed)]
     assert all(a["model_role"] == "production" for a in canary_events)  # never the canary's answer
     in_force = canary_events[next(i for i, a in enumerate(canary_events) if a.get("fallback")):]
     assert len(in_force) >= 10 and all(a.get("fallback") for a in in_force)

@@ -59,8 +59,10 @@ def running(server: SiraServer, wait_ready: bool = True):
         server.stop()
 
 
-def readyz(server: SiraServer) -> httpx.Response:
-    return httpx.get(server.url + "/readyz", timeout=10)
+def readyz(server: SiraServer, details: bool = True) -> httpx.Response:
+    """/readyz with its details (the internal token: unlimited, as polling needs), or as a probe sees it."""
+    headers = {"Authorization": f"Bearer {TEST_INTERNAL_TOKEN}"} if details else {}
+    return httpx.get(server.url + "/readyz", headers=headers, timeout=10)
 
 
 def dependency(server: SiraServer, name: str) -> dict | None:
@@ -149,7 +151,13 @@ def test_postgres_down_at_first_start_is_not_ready_until_it_answers(tmp_path, ow
         assert body["error_code"] == "SERVICE_UNAVAILABLE"
         assert body["message"] == "not ready: postgres unreachable and no registry snapshot", body
         assert body["details"]["dependencies"]["postgres"]["up"] is False
-        assert response.headers["Retry-After"] == "1"
+        error = body["details"]["dependencies"]["postgres"]["last_error"]
+        assert error and response.headers["Retry-After"] == "1"
+        probe = readyz(server, details=False)  # no token: the same status and reason, no error text
+        assert probe.status_code == 503 and probe.headers["Retry-After"] == "1"
+        assert probe.json()["message"] == body["message"]
+        assert set(probe.json()["details"]) == {"ready", "generation", "missing_products"}, probe.text
+        assert error not in probe.text and "127.0.0.1" not in probe.text, probe.text
         assert wait_for(lambda: gauge(server, "postgres") == 0, "sira_dependency_up{postgres} 0") is True
 
         own_postgres.open()

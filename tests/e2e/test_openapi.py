@@ -89,7 +89,9 @@ def canary(server) -> dict:
 
 @pytest.fixture(scope="module")
 def document(server) -> dict:
-    response = httpx.get(server.url + "/openapi.json", timeout=10)
+    """The document as a client with a token sees it: with the served products' payloads."""
+    response = httpx.get(server.url + "/openapi.json", headers={"Authorization": f"Bearer {TEST_INTERNAL_TOKEN}"},
+                         timeout=10)
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("application/json")
     return response.json()

@@ -98,7 +98,12 @@ def test_a_full_disk_refuses_new_predictions_and_loses_none(tmp_path, own_postgr
             after, refused_after = post_batches(server, 3)
             assert refused_after == 0
             wait_for(lambda: logged(own_postgres.url)[1] == set(answered + after), "new answers logged")
+            print(f"full disk: {len(answered)} answered and {refused} refused while full, "
+                  f"{len(errors)} ENOSPC log lines; then {len(after)} more; {rows} rows once space returned")
             assert pid_in(data_dir, "writer.pid") == writer
+            done = scrape(server.url)
+            assert total(done, "sira_prediction_rows_rejected_total") == 0  # every record read back whole
+            assert total(done, "sira_prediction_damage_total") == 0
         finally:
             with contextlib.suppress(RuntimeError):  # already open
                 own_postgres.open()

@@ -35,6 +35,7 @@ def test_a_pod_stopped_with_postgres_away_hands_its_spool_to_the_bucket(tmp_path
     keys = handed_off(s3_bucket)
     assert keys and all(key.split("/")[2] in ("batches", "overflow") for key in keys), keys
     assert "handed to" in first.log()
+    print(f"pod stop: {len(answered)} answered, {len(keys)} objects handed to the bucket")
     shutil.rmtree(first_dir)  # the pod and its emptyDir are gone
 
     own_postgres.open()

@@ -162,6 +162,7 @@ def test_master_killed_alone_takes_its_children_along_and_the_next_start_drains_
     try:
         wait_for(lambda: logged(own_postgres.url)[1] == set(answered), "the orphaned rings drained")
         assert logged(own_postgres.url)[0] == len(answered)
+        print(f"master killed alone: {len(answered)} answers in its rings, {len(answered)} rows in Postgres")
         wait_for(lambda: successor.segments() == successor.segments(successor.master_pid), "old segments removed")
         assert "taking over the prediction rings" in successor.log()
     finally:

@@ -50,7 +50,7 @@ BLOCK_PATTERN = re.compile(r"^```bash\n(.*?)^```", re.S | re.M)
 CLUSTER_MARK, NOT_RUN_MARK = "# cluster", "# not run:"
 
 # Shell variables the runbook may use besides the settings; its "Variables" table documents each.
-RUNBOOK_VARIABLES = {"SIRA_URL", "ML_OPS_TOKEN", "SERVICE_TOKEN", "NAMESPACE", "IMAGE", "REGISTRY",
+RUNBOOK_VARIABLES = {"SIRA_URL", "METRICS_URL", "ML_OPS_TOKEN", "SERVICE_TOKEN", "NAMESPACE", "IMAGE", "REGISTRY",
                      "MODEL_FILE", "MODEL_SPEC", "MODEL_VERSION", "MODEL_THRESHOLD", "NEW_MODEL_ID",
                      "PROD_MODEL_ID", "DB_PASSWORD", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                      "GRAFANA_URL", "GRAFANA_API_KEY"}
@@ -431,7 +431,7 @@ def runbook_env(server, tmp_path_factory) -> dict[str, str]:
     model = str(folder / "fraud_score_v2.onnx")
     build_dense_model(model, features=13, hidden=16, layers=1, seed=7)
     path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ.get("PATH", "")])
-    return {**server.env, "PATH": path, "SIRA_URL": server.url, "MODEL_FILE": model,
+    return {**server.env, "PATH": path, "SIRA_URL": server.url, "METRICS_URL": server.url, "MODEL_FILE": model,
             "MODEL_SPEC": write_spec(str(folder), demo_spec()), "MODEL_VERSION": "v-runbook-2",
             "MODEL_THRESHOLD": "0.5"}
 

@@ -8,6 +8,7 @@ import json
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -155,6 +156,46 @@ def test_started_at_restarts_for_a_new_model_or_a_restart_only(migrated_db, db, 
     shadow = set_canary(migrated_db, models, percent=0, mode="shadow", canary=models["validated"])
     assert shadow.started_at > stopped.started_at, "a stopped canary put back in shadow restarts"
     assert [row[0] for row in history(db)] == ["INSERT"] + ["UPDATE"] * 7
+
+
+def test_the_routing_seed_is_new_for_each_canary_and_kept_while_it_runs(migrated_db, db, models):
+    first = set_canary(migrated_db, models, percent=5)
+    assert len(first.seed_bytes) == 16 and first.seed_bytes != bytes(16)
+    assert first.routing_seed not in repr(first)
+    raised = set_canary(migrated_db, models, percent=25)
+    shadow = set_canary(migrated_db, models, percent=25, mode="shadow")
+    assert raised.routing_seed == shadow.routing_seed == first.routing_seed, "the same canary keeps its buckets"
+    assert canary_config.active_canaries(db)[0].routing_seed == first.routing_seed  # what the supervisor mirrors
+    second_model = set_canary(migrated_db, models, percent=25, canary=models["validated"])
+    assert second_model.routing_seed != first.routing_seed
+    canary_config.roll_back(db, "fraud_score", models["validated"], "latency_p95", {})
+    stopped = run(migrated_db, canary_config.get_canary, "fraud_score")
+    assert stopped.routing_seed == second_model.routing_seed  # a stop changes nothing but the share
+    restarted = set_canary(migrated_db, models, percent=10, canary=models["validated"])
+    assert restarted.routing_seed not in (first.routing_seed, second_model.routing_seed)
+    columns = db.execute("SELECT column_name FROM information_schema.columns"
+                         " WHERE table_name = 'sira_canary_config_history'").fetchall()
+    assert ("routing_seed",) not in columns, "the history keeps no copy of the seed"
+
+
+def test_migration_003_gives_existing_configs_distinct_seeds(fresh_db, tmp_path):
+    """A database at 002 with canary configs: 003 adds a 16-byte seed to each, all different."""
+    from workers.migrate import apply_migrations
+
+    shipped, folder = Path(__file__).resolve().parents[2] / "migrations", tmp_path / "migrations"
+    folder.mkdir()
+    for name in ("001_init.sql", "002_trace_id.sql"):
+        (folder / name).write_text((shipped / name).read_text())
+    apply_migrations(fresh_db, str(folder))
+    with psycopg.connect(fresh_db, autocommit=True) as conn:
+        for product in ("fraud_score", "risk_score", "chargeback"):
+            conn.execute("INSERT INTO sira_canary_config (product) VALUES (%s)", (product,))
+        (folder / "003_canary_seed.sql").write_text((shipped / "003_canary_seed.sql").read_text())
+        assert apply_migrations(fresh_db, str(folder)) == ["003_canary_seed.sql"]
+        seeds = [row[0] for row in conn.execute("SELECT routing_seed FROM sira_canary_config").fetchall()]
+        assert len(seeds) == 3 and len(set(seeds)) == 3 and all(len(seed) == 16 for seed in seeds)
+        with pytest.raises(psycopg.errors.CheckViolation):
+            conn.execute("UPDATE sira_canary_config SET routing_seed = %s", (b"\x00",))
 
 
 def test_active_canaries_are_those_with_traffic_or_in_shadow(migrated_db, db, models):

@@ -442,7 +442,9 @@ def test_deployment_runs_hardened_non_root_with_writable_emptydirs():
     assert security["capabilities"]["drop"] == ["ALL"]
     volumes = {volume["name"]: volume for volume in spec["volumes"]}
     mounts = {mount["mountPath"]: volumes[mount["name"]] for mount in container()["volumeMounts"]}
-    assert "emptyDir" in mounts[config_map_data()["SIRA_DATA_DIR"]]
+    assert "emptyDir" in data_volume()
+    # Kubernetes makes an emptyDir's root writable by all: the data dir is a folder sira creates in it.
+    assert config_map_data()["SIRA_DATA_DIR"] not in mounts
     shm = mounts["/dev/shm"]["emptyDir"]
     assert shm["medium"] == "Memory" and shm["sizeLimit"]
     assert "emptyDir" in mounts["/tmp"]
@@ -480,6 +482,14 @@ def test_grace_period_covers_prestop_in_flight_requests_and_the_writers_stop():
     assert spec["terminationGracePeriodSeconds"] >= needed + 5, (spec["terminationGracePeriodSeconds"], needed)
 
 
+def data_volume() -> dict:
+    """The volume whose mount holds SIRA_DATA_DIR."""
+    volumes = {volume["name"]: volume for volume in pod_spec()["volumes"]}
+    data_dir = config_map_data()["SIRA_DATA_DIR"]
+    (mount,) = [m for m in container()["volumeMounts"] if data_dir.startswith(m["mountPath"].rstrip("/") + "/")]
+    return volumes[mount["name"]]
+
+
 def parse_quantity(value: str) -> int:
     """A Kubernetes byte quantity such as 2Gi or 512Mi, in bytes."""
     units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40, "k": 10**3, "M": 10**6, "G": 10**9}
@@ -497,9 +507,7 @@ def test_a_pods_spool_outlives_it_in_the_bucket():
     # What can wait on disk must fit the data volume, and upload within the writer's stop at 10 MB/s.
     from workers.writer import STOP_DEADLINE_S
 
-    volumes = {volume["name"]: volume for volume in pod_spec()["volumes"]}
-    data_volume = next(volumes[m["name"]] for m in container()["volumeMounts"] if m["mountPath"] == data["SIRA_DATA_DIR"])
-    assert settings.spool_max_bytes < parse_quantity(data_volume["emptyDir"]["sizeLimit"])
+    assert settings.spool_max_bytes < parse_quantity(data_volume()["emptyDir"]["sizeLimit"])
     assert settings.spool_max_bytes <= 10 * 1024 * 1024 * STOP_DEADLINE_S
 
 
@@ -533,7 +541,7 @@ def test_the_manifests_settings_are_accepted_by_the_server(tmp_path):
         ref = item.get("valueFrom", {}).get("secretKeyRef")
         env[item["name"]] = secrets[(ref["name"], ref["key"])] if ref else item["value"]
     settings = load_settings(env)
-    assert settings.bind == "0.0.0.0:8080" and settings.data_dir == "/var/lib/sira"
+    assert settings.bind == "0.0.0.0:8080" and settings.data_dir == "/var/lib/sira/data"
     assert settings.database_url
 
 
@@ -571,6 +579,15 @@ def test_prometheus_scrapes_the_port_metrics_bind_opens():
     assert annotations["prometheus.io/path"] == "/metrics"
     metrics_port = {port["name"]: port["containerPort"] for port in container()["ports"]}["metrics"]
     assert int(annotations["prometheus.io/port"]) == metrics_port == port_of(config_map_data()["METRICS_BIND"])
+
+
+def test_the_shipped_config_closes_the_unauthenticated_surface():
+    """Every client reaches SIRA_BIND: /metrics only on the ops port, and no feature spec without a token."""
+    data = config_map_data()
+    assert data["SIRA_METRICS_ON_MAIN_PORT"] == "off" and data["METRICS_BIND"]
+    assert data["SIRA_OPENAPI_FEATURE_SPECS"] == "off"  # explicit, though it is the default
+    settings = load_settings(data)
+    assert settings.metrics_on_main_port is False and settings.openapi_feature_specs is False
 
 
 # -- Dockerfile -----------------------------------------------------------------------------------
@@ -619,7 +636,8 @@ def test_dockerfile_entrypoint_env_and_ports():
     assert "8080" in " ".join(stage_values(final, "EXPOSE")).split()
     env = dockerfile_env(final)
     assert env["SIRA_BIND"] == "0.0.0.0:8080"
-    assert env["SIRA_DATA_DIR"] == "/var/lib/sira" == config_map_data()["SIRA_DATA_DIR"]
+    assert env["SIRA_DATA_DIR"] == "/var/lib/sira"  # created 0750 by the image; in Kubernetes a folder below it
+    assert config_map_data()["SIRA_DATA_DIR"].startswith(env["SIRA_DATA_DIR"] + "/")
     settings = load_settings({name: value for name, value in env.items() if name in SETTINGS_BY_ENV})
     assert settings.bind == env["SIRA_BIND"]
 

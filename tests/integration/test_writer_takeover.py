@@ -6,12 +6,15 @@ from __future__ import annotations
 import dataclasses
 import os
 
-from app.predlog import PredictionLog, Stat, slot_cell
+import orjson
+
+from app.predlog import PredictionLog, Stat, encode_record, slot_cell
+from app.predlog_files import OverflowSpill
 from app.predlog_disk import DiskReason
 from shm.ring import SLOT_HEADER_SIZE, QueueRings
 from shm.segment import segment_name, segment_path
-from tests.integration.test_writer import (Shared, WriterProcess, logged_ids, make_config, row_count, setup,  # noqa: F401
-                                           wait_until)
+from tests.integration.test_writer import (Shared, WriterProcess, body, logged_ids, make_config, row_count,  # noqa: F401
+                                           setup, wait_until)
 
 
 def damage_first_record(rings: QueueRings, slot: int) -> None:
@@ -97,4 +100,30 @@ def test_disk_errors_in_the_writer_are_counted_and_never_end_it(setup):  # noqa:
     os.unlink(config.batches_dir)
     wait_until(lambda: "the disk works again" in writer.log(), "the spool opened once it can")
     assert writer.process.poll() is None
+    assert writer.stop() == 0
+
+
+def test_an_overflow_file_with_a_damaged_record_replays_the_good_ones_and_keeps_the_rest(setup):  # noqa: F811
+    config, shared, writer = setup
+    spill = OverflowSpill(config.overflow_dir, "deadinstance", 0, 1)
+    records = [encode_record(body(), "evt", "fraud_score", "req", 1.7e9) for _ in range(5)]
+    for record in records:
+        spill.write(record)
+    spill.seal()
+    (name,) = os.listdir(config.overflow_dir)
+    path = os.path.join(config.overflow_dir, name)
+    data = bytearray(open(path, "rb").read())
+    data[data.index(records[3]) + 100] ^= 0x01
+    with open(path, "wb") as handle:
+        handle.write(data)
+    writer.start(shared.stats)
+    wait_until(lambda: not os.path.exists(path), "the overflow file replayed")
+    good = [orjson.loads(record)["prediction_id"] for record in records[:3]]
+    assert sorted(logged_ids(config.database_url)) == sorted(good)
+    (kept,) = os.listdir(config.corrupt_dir)
+    assert kept.startswith(name)
+    with open(os.path.join(config.corrupt_dir, kept), "rb") as handle:
+        assert records[4] in handle.read()  # the record after the damage is kept, not replayed
+    assert shared.stats.get(Stat.FILE_DAMAGE) == 1
+    assert "failed its checksum" in writer.log()
     assert writer.stop() == 0

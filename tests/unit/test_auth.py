@@ -379,11 +379,9 @@ def test_internal_token_is_refused_when_not_configured(keyring):
     refusal(auth, bearer(INTERNAL))
 
 
-def test_jwt_claiming_internal_service_role_gets_no_bypass(auth):
-    principal = auth.authenticate(bearer(hs256(claims(role="internal_service"))))
-    assert not principal.internal
-    with pytest.raises(Forbidden):
-        auth.authorize(principal, "infer")
+def test_jwt_claiming_internal_service_role_is_refused(auth):
+    message = refusal(auth, bearer(hs256(claims(role="internal_service"))))
+    assert "internal_service" in message and "internal service token" in message
 
 
 # --- roles and authorisation --------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import secrets
 import uuid
 
 import pytest
@@ -24,19 +25,35 @@ from workers.canary_watch import CanaryWatch, RollbackRules, judge
 PROD, CANARY = str(uuid.uuid4()), str(uuid.uuid4())
 
 
-def test_the_bucket_is_the_documented_hash():
-    digest = hashlib.sha256("fraud_score\x00evt-42".encode()).digest()
-    assert canary_bucket("fraud_score", "evt-42") == int.from_bytes(digest[:8], "big") % 10_000
+SEED = bytes.fromhex("5eed" * 8)
+
+
+def test_the_bucket_is_the_documented_keyed_hash():
+    digest = hashlib.sha256(SEED + "fraud_score\x00evt-42".encode()).digest()
+    assert canary_bucket("fraud_score", "evt-42", SEED) == int.from_bytes(digest[:8], "big") % 10_000
+    unkeyed = hashlib.sha256("fraud_score\x00evt-42".encode()).digest()
+    assert canary_bucket("fraud_score", "evt-42") == int.from_bytes(unkeyed[:8], "big") % 10_000
 
 
 def test_buckets_spread_evenly_and_raising_the_percent_only_adds_events():
     events = [f"evt-{i}" for i in range(20_000)]
-    at_10 = {e for e in events if goes_to_canary("fraud_score", e, 1000)}
-    at_25 = {e for e in events if goes_to_canary("fraud_score", e, 2500)}
+    at_10 = {e for e in events if goes_to_canary("fraud_score", e, 1000, SEED)}
+    at_25 = {e for e in events if goes_to_canary("fraud_score", e, 2500, SEED)}
     assert 0.09 * len(events) <= len(at_10) <= 0.11 * len(events)
     assert at_10 <= at_25
-    assert not any(goes_to_canary("fraud_score", e, 0) for e in events[:1000])
-    assert all(goes_to_canary("fraud_score", e, BUCKETS) for e in events[:1000])
+    assert not any(goes_to_canary("fraud_score", e, 0, SEED) for e in events[:1000])
+    assert all(goes_to_canary("fraud_score", e, BUCKETS, SEED) for e in events[:1000])
+
+
+def test_another_seed_picks_other_events():
+    """Event ids found to meet one canary say nothing about the next one (another seed)."""
+    events = [f"evt-{i}" for i in range(20_000)]
+    first = {e for e in events if goes_to_canary("fraud_score", e, 1000, secrets.token_bytes(16))}
+    second_seed = secrets.token_bytes(16)
+    second = {e for e in events if goes_to_canary("fraud_score", e, 1000, second_seed)}
+    assert 0.09 * len(events) <= len(second) <= 0.11 * len(events)
+    # independent draws: about 10% of the first canary's events are in the second one too
+    assert len(first & second) <= 0.2 * len(first)
 
 
 def test_the_product_takes_part_in_the_hash():
@@ -99,10 +116,15 @@ def test_a_full_region_frees_entries_of_models_no_longer_served(block, writer):
     assert set(read_model_figures(block)) == {(old[0], "production"), (PROD, "production")}
 
 
-def figures(requests: int, errors: int = 0, latency_ms: float = 0.3) -> ModelFigures:
-    """Window figures whose every timed run took ``latency_ms``."""
+def figures(requests: int, errors: int = 0, latency_ms: float = 0.3, explained: int = 0,
+            explained_ms: float = 3.0) -> ModelFigures:
+    """Window figures whose every plain timed run took ``latency_ms``, and ``explained`` more
+    runs (of the same requests) ``explained_ms``."""
     result = ModelFigures(requests=requests, errors=errors, scored=requests - errors)
-    result.histogram[bisect.bisect_left(BOUNDS_US, latency_ms * 1000)] = result.scored
+    result.histogram[bisect.bisect_left(BOUNDS_US, latency_ms * 1000)] = result.scored - explained
+    bucket = bisect.bisect_left(BOUNDS_US, explained_ms * 1000)
+    result.histogram[bucket] += explained
+    result.explained_histogram[bucket] = result.explained_scored = explained
     return result
 
 
@@ -123,6 +145,35 @@ def test_judge_rolls_back_errors_above_the_ratio_and_tolerates_those_below():
 def test_judge_rolls_back_a_slow_canary_and_tolerates_noise():
     assert judge(figures(500, latency_ms=5.0), figures(500, latency_ms=0.3), RULES) == "latency_p95"
     assert judge(figures(500, latency_ms=0.33), figures(500, latency_ms=0.3), RULES) is None
+
+
+def test_judge_compares_explained_runs_only_with_explained_runs():
+    # Explanations asked on the canary's events alone: its total p95 is ten times production's,
+    # its plain runs are as fast, and production has no explained run to compare with.
+    steered = figures(1000, explained=400, explained_ms=3.0)
+    assert steered.latency_quantile_ms(0.95) > 5 * figures(1000).latency_quantile_ms(0.95)
+    assert judge(steered, figures(1000), RULES) is None
+    # Both explain: like with like, a canary as fast is kept and a slow one is rolled back.
+    assert judge(steered, figures(1000, explained=300, explained_ms=3.0), RULES) is None
+    assert judge(steered, figures(1000, explained=300, explained_ms=1.0), RULES) == "latency_p95"
+    # Slow plain runs are still caught, whatever the explained runs do.
+    assert judge(figures(1000, latency_ms=1.0, explained=400), figures(1000, explained=300), RULES) == "latency_p95"
+
+
+def test_plain_and_explained_runs_are_counted_apart(block, writer):
+    counting = writer(1)
+    for _ in range(4):
+        counting.counters(CANARY, "canary").answered(0.0003, "allow")
+    counting.counters(CANARY, "canary").answered(0.004, "block", explained=True)
+    counting.counters(CANARY, "canary").answered(None, "allow")  # a cache hit: not a run
+    canary = read_model_figures(block)[(CANARY, "canary")]
+    assert (canary.requests, canary.scored, canary.explained_scored) == (6, 5, 1)
+    plain, explained = canary.runs(False), canary.runs(True)
+    assert (plain.scored, explained.scored) == (4, 1)
+    assert 0.27 <= plain.latency_quantile_ms(0.95) <= 0.33 and 3.6 <= explained.latency_quantile_ms(0.95) <= 4.4
+    assert sum(plain.histogram) == 4 and plain.latency_sum_us == 4 * 300
+    later = canary.plus(canary)
+    assert later.minus(canary).explained_scored == 1 and later.minus(canary).runs(False).scored == 4
 
 
 def slot(model_id: str) -> ModelSlot:

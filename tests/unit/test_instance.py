@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import stat
 import time
 
 import pytest
 
-from workers.instance import (DataDirInUse, data_dir_key, dead_predecessor_segments, lock_data_dir,
-                              new_instance_id)
+from workers.instance import (DataDirInUse, DataDirNotPrivate, check_private, data_dir_key, dead_predecessor_segments,
+                              lock_data_dir, new_instance_id)
 
 
 def in_child(action) -> int:
@@ -126,3 +127,20 @@ def test_only_dead_instances_of_the_same_data_dir_are_predecessors(tmp_path):
     left = dead_predecessor_segments(ours, str(shm))
     assert [(item.instance_id, item.kind) for item in left] == [
         (f"{key}_80_cccc", "predstats"), (f"{key}_90_bbbb", "control"), (f"{key}_90_bbbb", "predlog")]
+
+
+def test_the_data_dir_is_created_private_whatever_the_umask(tmp_path):
+    old = os.umask(0)
+    try:
+        with lock_data_dir(str(tmp_path / "new")):
+            pass
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "new").st_mode) == 0o700
+    check_private(str(tmp_path / "new"))  # passes
+
+
+def test_a_data_dir_others_can_write_is_refused_with_the_fix(tmp_path):
+    os.chmod(tmp_path, 0o775)
+    with pytest.raises(DataDirNotPrivate, match=f"chmod go-w {tmp_path}$"):
+        check_private(str(tmp_path))

@@ -31,6 +31,7 @@ from app.predlog_files import (
     OverflowName,
     OverflowSpill,
     decode_frames,
+    decode_overflow,
     encode_frames,
     find_framed_record,
 )
@@ -165,7 +166,7 @@ def test_a_full_ring_spills_to_an_overflow_file_counted_and_sealed_when_room_ret
     (open_file,) = os.listdir(overflow_dir)
     name = OverflowName.parse(open_file)
     assert (name.instance_id, name.slot, name.pid, name.sealed) == ("inst", 1, os.getpid(), False)
-    spilled, _ = decode_frames((overflow_dir / open_file).read_bytes())
+    spilled = decode_overflow((overflow_dir / open_file).read_bytes()).records
     ring_ids = [orjson.loads(r)["prediction_id"] for r in in_ring]
     spilled_ids = [orjson.loads(r)["prediction_id"] for r in spilled]
     assert ring_ids + spilled_ids == [answer["prediction_id"] for answer in sent]  # none lost, none twice
@@ -184,7 +185,7 @@ def test_spill_files_rotate_after_their_record_limit(tmp_path, monkeypatch):
     names = sorted(os.listdir(tmp_path))
     assert [OverflowName.parse(n).seq for n in names] == [1, 2, 3]
     assert all(OverflowName.parse(n).sealed for n in names)
-    assert [len(decode_frames((tmp_path / n).read_bytes())[0]) for n in names] == [10, 10, 5]
+    assert [len(decode_overflow((tmp_path / n).read_bytes()).records) for n in names] == [10, 10, 5]
 
 
 def test_when_the_ring_and_the_disk_both_refuse_the_request_fails(tmp_path, segments):
@@ -359,6 +360,7 @@ def test_the_collector_reads_the_counter_block_and_the_rings(tmp_path, segments)
     stats.add(Stat.WRITER_DISK_ERRORS + DiskReason.ENOSPC, 2)
     stats.add(Stat.WRITER_DISK_ERRORS + DiskReason.EIO, 1)
     stats.add(Stat.RING_DAMAGE, 6)
+    stats.add(Stat.FILE_DAMAGE, 2)
     stats.set(Stat.ADOPTED_RECORDS, 8)
     stats.set(Stat.OVERFLOW_BYTES, 1234)
     stats.set(Stat.ROWS_WRITTEN, 900)
@@ -383,6 +385,7 @@ def test_the_collector_reads_the_counter_block_and_the_rings(tmp_path, segments)
     assert sample("sira_prediction_disk_errors_total", {"process": "writer", "reason": "ENOSPC"}) == 2
     assert sample("sira_prediction_disk_errors_total", {"process": "writer", "reason": "EIO"}) == 1
     assert sample("sira_prediction_disk_errors_total", {"process": "worker", "reason": "EMFILE"}) == 0
-    assert sample("sira_prediction_ring_damage_total") == 6
+    assert sample("sira_prediction_damage_total", {"source": "ring"}) == 6
+    assert sample("sira_prediction_damage_total", {"source": "overflow"}) == 2
     assert sample("sira_prediction_adopted_records") == 8
     assert sample("sira_prediction_overflow_bytes") == 1234

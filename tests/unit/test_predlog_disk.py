@@ -6,13 +6,14 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import zlib
 
 import pytest
 
 from app.errors import ServiceUnavailable
 from app.predlog import PredictionLog, PredictionLogConfig, SlotStat, slot_cell
 from app.predlog_disk import OVERFLOW_FILE_MAX_BYTES, DiskReason, DiskTrouble, LogFull, bytes_under, reason_of
-from app.predlog_files import OverflowSpill
+from app.predlog_files import OVERFLOW_MAGIC, OverflowRecords, OverflowSpill, decode_overflow, find_framed_record
 from tests.unit.test_predlog import body, segments  # noqa: F401 (a fixture)
 from workers.spool_handoff import HandoffError, decode_object
 from workers.spool import BatchSpool
@@ -114,8 +115,72 @@ def test_handed_off_objects_decode_by_their_kind(tmp_path):
     spool.append(records)
     (path,) = spool.paths()
     with open(path, "rb") as handle:
-        assert decode_object(f"prediction-spool/inst/batches/{os.path.basename(path)}", handle.read()) == records
+        assert decode_object(f"prediction-spool/inst/batches/{os.path.basename(path)}", handle.read()).records == records
     frames = b"".join(len(r).to_bytes(4, "little") + r for r in records)
-    assert decode_object("prediction-spool/inst/overflow/x.sealed", frames + b"\x09\0\0\0torn") == records
+    found = decode_object("prediction-spool/inst/overflow/x.sealed", frames + b"\x09\0\0\0torn")
+    assert found.records == records and found.damaged == b""  # a torn tail was never answered
+    checked = OVERFLOW_MAGIC + b"".join(len(r).to_bytes(4, "little") + zlib.crc32(r).to_bytes(4, "little") + r
+                                        for r in records)
+    damaged = checked[:-1] + b"X"
+    found = decode_object("prediction-spool/inst/overflow/y.sealed", damaged)
+    assert found.records == records[:1] and found.damaged == damaged[len(OVERFLOW_MAGIC) + 8 + len(records[0]):]
     with pytest.raises(HandoffError):
         decode_object("prediction-spool/inst/other/x", frames)
+
+
+def spilled_file(directory, records: list[bytes]) -> str:
+    spill = OverflowSpill(str(directory), "inst", 0, 1)
+    for record in records:
+        spill.write(record)
+    spill.seal()
+    (name,) = os.listdir(directory)
+    return os.path.join(directory, name)
+
+
+def test_overflow_records_carry_a_checksum_and_a_damaged_one_ends_the_trusted_part(tmp_path):
+    records = [b'{"prediction_id":"%d","x":"...."}' % i for i in range(3)]
+    path = spilled_file(tmp_path, records)
+    data = bytearray(open(path, "rb").read())
+    assert data.startswith(OVERFLOW_MAGIC)
+    assert decode_overflow(bytes(data)) == OverflowRecords(records, b"", False)
+    second = data.index(records[1])
+    data[second + 5] ^= 0x01  # one bit of the second record
+    found = decode_overflow(bytes(data))
+    assert found.records == records[:1] and not found.torn
+    assert found.rest == bytes(data[second - 8:])  # from the bad frame's header on: nothing after it is trusted
+    assert find_framed_record(bytes(data), records[0][:20]) == records[0]
+    assert find_framed_record(bytes(data), b'{"prediction_id":"1"') is None  # a record that fails its crc is no match
+
+
+def test_a_torn_last_overflow_record_is_told_apart_from_damage(tmp_path):
+    records = [b'{"prediction_id":"a"}', b'{"prediction_id":"b"}']
+    data = open(spilled_file(tmp_path, records), "rb").read()
+    found = decode_overflow(data[:-3])  # its worker was killed writing the last one
+    assert found.records == records[:1] and found.torn and found.rest == data[len(data) - 3 - 8 - 18:-3]
+
+
+def test_overflow_files_written_before_checksums_still_read(tmp_path):
+    records = [b'{"prediction_id":"a"}', b'{"prediction_id":"b"}']
+    legacy = b"".join(len(r).to_bytes(4, "little") + r for r in records)
+    assert decode_overflow(legacy) == OverflowRecords(records, b"", False)
+    assert find_framed_record(legacy, b'{"prediction_id":"b"') == records[1]
+
+
+def test_an_overflow_file_whose_magic_cannot_be_written_is_not_left_behind(tmp_path, monkeypatch):
+    spill = OverflowSpill(str(tmp_path), "inst", 0, 1)
+    real_write = os.write
+
+    def full_disk(fd, data):
+        if data == OVERFLOW_MAGIC:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", full_disk)
+    with pytest.raises(OSError):
+        spill.write(b'{"prediction_id":"a"}')
+    assert os.listdir(tmp_path) == [] and not spill.is_open
+    monkeypatch.setattr(os, "write", real_write)  # space returns
+    spill.write(b'{"prediction_id":"b"}')
+    spill.seal()
+    (name,) = os.listdir(tmp_path)
+    assert decode_overflow((tmp_path / name).read_bytes()).records == [b'{"prediction_id":"b"}']

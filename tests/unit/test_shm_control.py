@@ -9,11 +9,12 @@ import zlib
 
 import pytest
 
-from shm.control import (GENERATION_AREA, ControlBlock, ControlCorrupt, ModelSlot,
-                         ProductEntry, buffer_stride)
+from shm.control import (GENERATION_AREA, LAYOUT_VERSION, ControlBlock, ControlCorrupt,
+                         ModelSlot, ProductEntry, buffer_stride)
 from shm.segment import Segment, SegmentError
 
 BUFFER_HEADER = struct.Struct("<QII")
+ENTRY_BYTES = 1320  # layout version 2: the canary routing seed at offset 72
 
 
 @pytest.fixture
@@ -43,7 +44,7 @@ def model(n: int, **changes) -> ModelSlot:
 
 def entry(product: str, **changes) -> ProductEntry:
     base = ProductEntry(product=product, production=model(1), canary=model(2),
-                        canary_bp=1000, mode="canary")
+                        canary_bp=1000, mode="canary", canary_seed=bytes(range(16)))
     return dataclasses.replace(base, **changes)
 
 
@@ -96,6 +97,24 @@ def test_a_restarted_writer_continues_the_generation(block):
     assert block.read_table() == (3, {"c": entry("c")})
 
 
+def test_the_canary_seed_round_trips_and_stays_out_of_repr(block):
+    seed = bytes.fromhex("00ff" * 8)
+    table = {"a": entry("a", canary_seed=seed), "b": entry("b", canary=None, canary_bp=0)}
+    block.publish(table)
+    read = block.read_table()[1]
+    assert read["a"].canary_seed == seed and read["b"].canary_seed == bytes(range(16))
+    assert seed.hex() not in repr(read["a"]) and "canary_seed" not in repr(read["a"])
+    assert ProductEntry("c", None).canary_seed == bytes(16)
+
+
+def test_the_seed_sits_at_its_documented_offset(block):
+    assert LAYOUT_VERSION == 2 and block.segment.version == 2
+    block.publish({"a": entry("a", canary_seed=b"S" * 16)})
+    body_at = buffer_offset(block, 1) + BUFFER_HEADER.size
+    assert bytes(block.segment.buf[body_at + 72:body_at + 88]) == b"S" * 16
+    assert bytes(block.segment.buf[body_at + ENTRY_BYTES:body_at + ENTRY_BYTES + 4]) == bytes(4)
+
+
 def test_model_id_is_read_back_in_canonical_form(block):
     raw = uuid.uuid4()
     block.publish({"a": entry("a", production=model(1, model_id=str(raw).upper()))})
@@ -114,6 +133,9 @@ def test_model_id_is_read_back_in_canonical_form(block):
     {"a": entry("a", canary_bp=10_001)},
     {"a": entry("a", canary_bp=-1)},
     {"a": entry("a", mode="dark")},
+    {"a": entry("a", canary_seed=b"short")},
+    {"a": entry("a", canary_seed=bytes(17))},
+    {"a": entry("a", canary_seed="0" * 16)},                       # text, not bytes
     {"a": entry("a", production=model(1, threshold=float("nan")))},
 ])
 def test_publish_rejects_what_the_layout_cannot_hold(block, table):
@@ -174,7 +196,7 @@ def test_count_over_the_limit_raises_control_corrupt(block):
     (65, b"\x04"),       # unknown flag
     (66, b"\xff\xff"),   # canary bp 65535
     (68, b"\x09"),       # unknown mode
-    (72 + 16, b"\xff"),  # production version length 255
+    (88 + 16, b"\xff"),  # production version length 255
     (1, b"\xff"),        # product name not UTF-8
 ])
 def test_impossible_fields_with_a_valid_crc_raise_control_corrupt(block, offset, value):
@@ -183,7 +205,7 @@ def test_impossible_fields_with_a_valid_crc_raise_control_corrupt(block, offset,
     generation, count, _crc = BUFFER_HEADER.unpack_from(block.segment.buf, at)
     body_at = at + BUFFER_HEADER.size
     block.segment.buf[body_at + offset:body_at + offset + len(value)] = value
-    body = block.segment.buf[body_at:body_at + 1304 * count]
+    body = block.segment.buf[body_at:body_at + ENTRY_BYTES * count]
     block.segment.buf[at:at + BUFFER_HEADER.size] = BUFFER_HEADER.pack(
         generation, count, zlib.crc32(body))
     with pytest.raises(ControlCorrupt):
