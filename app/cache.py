@@ -16,7 +16,7 @@ Value, at most ``VALUE_SIZE`` bytes::
     | (LE)        | (1: has one)      | {"feature", "importance"} (absent if 0)  |
     +-------------+-------------------+------------------------------------------+
 
-The decision is not stored: ``app.infer.prediction`` derives it from the score and the model's
+The decision is not stored: ``app.infer_runs.prediction`` derives it from the score and the model's
 threshold in force, so a changed threshold never meets a stale decision. An entry stored without an
 explanation does not answer a request that asks for one (a miss, then the full answer is stored).
 

@@ -1,13 +1,13 @@
 """Canary admin endpoints: POST /v1/canary, GET /v1/canary/{product}, POST /v1/canary/{product}/stop.
 
 They read and write sira_canary_config through the worker's pool (`app.db`) and the SQL of
-`workers/canary_config.py`; every change NOTIFYs the instances through the table's trigger, and
+`app/canary_config.py`; every change NOTIFYs the instances through the table's trigger, and
 their supervisors route accordingly. Refusals: a malformed body or value is 400 INVALID_REQUEST;
 an unknown model id 404 MODEL_NOT_FOUND; a well-formed pair the registry refuses (a model of
 another product, an archived or production canary, a production id that is not the product's
 current production model, the same model twice) 409 CONFLICT; a product without a config 404
 NOT_FOUND. Every change is logged on `sira.canary` with the token's subject, never the token.
-Starting a canary draws its routing seed (workers/canary_config.py); no answer ever includes it.
+Starting a canary draws its routing seed (app/canary_config.py); no answer ever includes it.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from app.db import Database
 from app.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from app.models_api import iso_utc
 from app.requests import PRODUCT_PATTERN, read_json_object
-from workers import canary_config
-from workers.canary_config import CanaryConfig
+from app import canary_config
+from app.canary_config import CanaryConfig
 
 log = logging.getLogger("sira.canary")
 
@@ -28,7 +28,7 @@ RECENT_ROLLBACKS = 5
 REQUIRED_FIELDS = ("product", "canary_model_id", "production_model_id", "canary_percent")
 BODY_FIELDS = frozenset(REQUIRED_FIELDS + ("mode",))
 
-# workers.canary_config's refusals -> the API error answered for them.
+# app.canary_config's refusals -> the API error answered for them.
 API_ERROR_FOR = {
     canary_config.InvalidCanaryValue: InvalidRequest,
     canary_config.CanaryModelNotRegistered: ModelNotFound,

@@ -16,7 +16,8 @@ from app.config import AppConfig
 from app.db import Database
 from app.errors import CODE_BY_STATUS, ApiError, error_body
 from app.health import HealthResource, OptionalToken, ReadyResource
-from app.infer import BatchInferResource, InferResource
+from app.infer import InferResource
+from app.infer_batch import BatchInferResource
 from app.metrics import install_metrics
 from app.openapi import install_api_docs
 from app.middleware import RequestIdMiddleware

@@ -43,7 +43,7 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
 
 # Why a model did not go live (workers/modelstore.py, workers/smoke.py); created at 0 in every worker
 # so that increase() sees the first failure. Another reason is counted too, from its first failure.
-# The reasons workers/supervisor.py counts (its ModelNotReady reasons), created at 0 at start.
+# The reasons the supervisor's model sync counts (workers/model_sync.py, ModelNotReady), created at 0 at start.
 MODEL_LOAD_ERROR_REASONS = ("registry_unreachable", "store_unreachable", "download_failed", "sha256_mismatch",
                             "invalid_spec", "invalid_model", "spec_mismatch", "smoke_failed", "load_crashed",
                             "load_timeout", "invalid_entry", "publish_failed", "internal_error")

@@ -1,6 +1,6 @@
 """The worker's models follow the supervisor's generation: checked on every request, swapped in place.
 
-The supervisor (workers/supervisor.py) publishes a model table in the control block
+The supervisor's model sync (workers/model_sync.py) publishes a model table in the control block
 (shm/control.py) and bumps its generation. ``LiveModelTable.get``, which every request calls
 before it scores, compares that generation with the one this worker applied: one 8-byte load,
 a few hundred nanoseconds. When it moved, the worker builds sessions over the new files (only for

@@ -16,9 +16,9 @@ from typing import Protocol
 from app.db import Database
 from app.errors import Conflict, InvalidRequest, ModelNotFound
 from app.requests import PRODUCT_PATTERN, read_json_object
-from workers import registry
+from app import registry
 from shm.model_stats import ModelFigures
-from workers.registry import RegistryModel
+from app.registry import RegistryModel
 
 log = logging.getLogger("sira.admin")
 

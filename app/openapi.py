@@ -31,7 +31,7 @@ from app.health import OptionalToken
 from app.openapi_ops import op_docs, op_healthz, op_metrics, op_openapi, op_readyz, ops_schemas
 from app.openapi_schemas import JSON, error_response, json_response, ref, schemas
 from app.requests import PRODUCT_PATTERN
-from workers.registry import PROMOTION_TARGETS, STATUSES
+from app.registry import PROMOTION_TARGETS, STATUSES
 
 log = logging.getLogger("sira.openapi")
 

@@ -15,8 +15,8 @@ from typing import Any
 from app.errors import ApiError
 from app.features import MAX_CATEGORY_LENGTH
 from app.requests import EVENT_ID_MAX, PRODUCT_PATTERN, TIMEOUT_MS_MAX
-from workers.canary_config import MODES, PERCENT_MAX
-from workers.registry import STATUSES
+from app.canary_config import MODES, PERCENT_MAX
+from app.registry import STATUSES
 
 # The part of "printable" a pattern can state portably; the `printable` format names the whole rule.
 NO_CONTROL_CHARACTERS = "^[^\\x00-\\x1f\\x7f-\\x9f]+$"

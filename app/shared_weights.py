@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from app import protobuf_wire as wire
+
 GRAPH_SUFFIX = ".graph.onnx"
 WEIGHTS_SUFFIX = ".weights"
 WEIGHTS_MAGIC = b"SIRAWTS1"
@@ -49,8 +51,7 @@ MIN_SHARED_TENSOR_BYTES = 64 * 1024  # smaller tensors stay inline: a page each 
 
 _HEADER = struct.Struct("<8sQ")
 
-# Protobuf wire format: field numbers of onnx.proto (stable since IR version 3).
-_VARINT, _FIXED64, _LENGTH, _FIXED32 = 0, 1, 2, 5
+# Field numbers of onnx.proto (stable since IR version 3); the wire format is app/protobuf_wire.py.
 _MODEL_GRAPH = 7
 _GRAPH_INITIALIZER = 5
 _TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_FLOAT_DATA = 1, 2, 4
@@ -110,8 +111,11 @@ def split_model(model_path: str, min_tensor_bytes: int = MIN_SHARED_TENSOR_BYTES
     """
     with open(model_path, "rb") as handle:
         model = memoryview(handle.read())
-    graph_field = _graph_field(model)
-    movable = _movable_initializers(graph_field[4], min_tensor_bytes)
+    try:
+        graph_field = _graph_field(model)
+        movable = _movable_initializers(graph_field[4], min_tensor_bytes)
+    except wire.ProtobufError as exc:
+        raise SharedFormError(f"{model_path}: {exc}") from None
     if not movable:
         return None
     header = _lay_out(list(movable.values()))
@@ -120,14 +124,14 @@ def split_model(model_path: str, min_tensor_bytes: int = MIN_SHARED_TENSOR_BYTES
     graph = _graph_with_references(graph_field[4], movable, os.path.basename(weights_path))
     _write_atomically(weights_path, _weights_chunks(header, list(movable.values())))
     _write_atomically(graph_path, [bytes(model[:graph_field[2]]),
-                                   _tag(_MODEL_GRAPH, _LENGTH), _varint(len(graph)), graph,
+                                   wire.tag(_MODEL_GRAPH, wire.LENGTH), wire.varint(len(graph)), graph,
                                    bytes(model[graph_field[3]:])])
     return graph_path
 
 
 def _graph_field(model: memoryview) -> tuple:
     """The one GraphProto field of a ModelProto (number, wire, start, end, value)."""
-    graphs = [field for field in _fields(model) if field[0] == _MODEL_GRAPH and field[1] == _LENGTH]
+    graphs = [field for field in wire.fields(model) if field[0] == _MODEL_GRAPH and field[1] == wire.LENGTH]
     if len(graphs) != 1:
         raise SharedFormError(f"not an ONNX model: {len(graphs)} graph fields")
     return graphs[0]
@@ -136,8 +140,8 @@ def _graph_field(model: memoryview) -> tuple:
 def _movable_initializers(graph: memoryview, min_tensor_bytes: int) -> dict[int, _Tensor]:
     """{field start in the graph: tensor} for each initializer to move, in file order."""
     movable = {}
-    for number, wire, start, _end, value in _fields(graph):
-        if number == _GRAPH_INITIALIZER and wire == _LENGTH:
+    for number, wire_type, start, _end, value in wire.fields(graph):
+        if number == _GRAPH_INITIALIZER and wire_type == wire.LENGTH:
             tensor = _movable_tensor(value, min_tensor_bytes)
             if tensor is not None:
                 movable[start] = tensor
@@ -147,16 +151,16 @@ def _movable_initializers(graph: memoryview, min_tensor_bytes: int) -> dict[int,
 def _movable_tensor(tensor: memoryview, min_tensor_bytes: int) -> _Tensor | None:
     """The tensor's name, type, dims and data when it is large and held inline, else None."""
     name, data_type, dims, data, from_float_data = "", 0, [], None, False
-    for number, wire, _start, _end, value in _fields(tensor):
+    for number, wire_type, _start, _end, value in wire.fields(tensor):
         if number == _TENSOR_DIMS:
-            dims.extend(_packed_varints(value) if wire == _LENGTH else [value])
-        elif number == _TENSOR_DATA_TYPE and wire == _VARINT:
+            dims.extend(wire.packed_varints(value) if wire_type == wire.LENGTH else [value])
+        elif number == _TENSOR_DATA_TYPE and wire_type == wire.VARINT:
             data_type = value
-        elif number == _TENSOR_NAME and wire == _LENGTH:
+        elif number == _TENSOR_NAME and wire_type == wire.LENGTH:
             name = bytes(value).decode("utf-8")
-        elif number == _TENSOR_RAW_DATA and wire == _LENGTH:
+        elif number == _TENSOR_RAW_DATA and wire_type == wire.LENGTH:
             data = value
-        elif number == _TENSOR_FLOAT_DATA and wire == _LENGTH:
+        elif number == _TENSOR_FLOAT_DATA and wire_type == wire.LENGTH:
             data, from_float_data = value, True  # packed little-endian floats, as raw_data
         elif number == _TENSOR_DOC_STRING:
             continue
@@ -193,25 +197,25 @@ def _graph_with_references(graph: memoryview, movable: dict[int, _Tensor],
                            weights_name: str) -> bytes:
     """GraphProto bytes with each moved initializer replaced by its external reference."""
     out = []
-    for _number, _wire, start, end, _value in _fields(graph):
+    for _number, _wire, start, end, _value in wire.fields(graph):
         tensor = movable.get(start)
         if tensor is None:
             out.append(bytes(graph[start:end]))
         else:
-            out.append(_length_field(_GRAPH_INITIALIZER, _external_tensor(tensor, weights_name)))
+            out.append(wire.length_field(_GRAPH_INITIALIZER, _external_tensor(tensor, weights_name)))
     return b"".join(out)
 
 
 def _external_tensor(tensor: _Tensor, weights_name: str) -> bytes:
     """A TensorProto whose data lives in the weights file (ONNX external data)."""
-    parts = [_tag(_TENSOR_DIMS, _VARINT) + _varint(dim) for dim in tensor.dims]
-    parts.append(_tag(_TENSOR_DATA_TYPE, _VARINT) + _varint(tensor.data_type))
-    parts.append(_length_field(_TENSOR_NAME, tensor.name.encode("utf-8")))
+    parts = [wire.tag(_TENSOR_DIMS, wire.VARINT) + wire.varint(dim) for dim in tensor.dims]
+    parts.append(wire.tag(_TENSOR_DATA_TYPE, wire.VARINT) + wire.varint(tensor.data_type))
+    parts.append(wire.length_field(_TENSOR_NAME, tensor.name.encode("utf-8")))
     for key, value in (("location", weights_name), ("offset", str(tensor.offset)),
                        ("length", str(len(tensor.data)))):
-        entry = _length_field(1, key.encode("utf-8")) + _length_field(2, value.encode("utf-8"))
-        parts.append(_length_field(_TENSOR_EXTERNAL_DATA, entry))
-    parts.append(_tag(_TENSOR_DATA_LOCATION, _VARINT) + _varint(_DATA_LOCATION_EXTERNAL))
+        entry = wire.length_field(1, key.encode("utf-8")) + wire.length_field(2, value.encode("utf-8"))
+        parts.append(wire.length_field(_TENSOR_EXTERNAL_DATA, entry))
+    parts.append(wire.tag(_TENSOR_DATA_LOCATION, wire.VARINT) + wire.varint(_DATA_LOCATION_EXTERNAL))
     return b"".join(parts)
 
 
@@ -319,76 +323,6 @@ def open_shared_session(graph_path: str, options: Any) -> tuple[Any, MappedWeigh
     session = ort.InferenceSession(graph_path, sess_options=options,
                                    providers=["CPUExecutionProvider"])
     return session, weights
-
-
-# Protobuf wire format --------------------------------------------------------------------------
-
-def _fields(data: memoryview):
-    """Yield (field number, wire type, start, end, value) for each field of a message.
-
-    The value is an int for varints and fixed-width fields, a memoryview for length-delimited ones.
-    """
-    at, size = 0, len(data)
-    while at < size:
-        start = at
-        key, at = _read_varint(data, at)
-        number, wire = key >> 3, key & 7
-        if wire == _VARINT:
-            value, at = _read_varint(data, at)
-        elif wire == _LENGTH:
-            length, at = _read_varint(data, at)
-            if at + length > size:
-                raise SharedFormError("truncated protobuf: a field runs past its message")
-            value, at = data[at:at + length], at + length
-        elif wire == _FIXED64:
-            value, at = int.from_bytes(data[at:at + 8], "little"), at + 8
-        elif wire == _FIXED32:
-            value, at = int.from_bytes(data[at:at + 4], "little"), at + 4
-        else:
-            raise SharedFormError(f"unsupported protobuf wire type {wire}")
-        if number == 0 or at > size:
-            raise SharedFormError("corrupt protobuf")
-        yield number, wire, start, at, value
-
-
-def _read_varint(data: memoryview, at: int) -> tuple[int, int]:
-    value, shift = 0, 0
-    while True:
-        if at >= len(data) or shift > 63:
-            raise SharedFormError("corrupt protobuf varint")
-        byte = data[at]
-        at += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, at
-        shift += 7
-
-
-def _packed_varints(data: memoryview) -> list[int]:
-    values, at = [], 0
-    while at < len(data):
-        value, at = _read_varint(data, at)
-        values.append(value)
-    return values
-
-
-def _varint(value: int) -> bytes:
-    if value < 0:
-        value &= (1 << 64) - 1  # negative int64: ten bytes, as protobuf encodes them
-    out = bytearray()
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def _tag(number: int, wire: int) -> bytes:
-    return _varint(number << 3 | wire)
-
-
-def _length_field(number: int, payload: bytes) -> bytes:
-    return _tag(number, _LENGTH) + _varint(len(payload)) + payload
 
 
 def _align(offset: int) -> int:

@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from app.auth import mint_token
+from app.auth_keys import mint_token
 from app.cache import VALUE_SIZE, PredictionCache
 from app.config import ModelFile
 from app.models import ServingModel

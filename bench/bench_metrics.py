@@ -208,7 +208,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def run_server_part(seconds: int, rounds: int, connections: int) -> None:
-    from app.auth import mint_token
+    from app.auth_keys import mint_token
     from bench.worker_classes import run_wrk
 
     token = mint_token(role="sira_service", subject="bench", ttl_s=3600, secret=JWT_SECRET, kid="default")

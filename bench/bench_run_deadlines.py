@@ -13,7 +13,7 @@ import sys
 import time
 
 from app.features import FeatureSpec
-from app.infer import run_model
+from app.infer_runs import run_model
 from app.scoring import ModelRunner
 from bench.bench_shm import mean_ns
 from workers.bootstrap import demo_files

@@ -2,7 +2,7 @@
 -- an event in the canary's buckets (app/canary_routing.py). Without it any client could compute
 -- an event's bucket from its product and event id and pick ids that land on the model it prefers.
 --
--- POST /v1/canary (workers/canary_config.py) writes a new seed drawn from Python's `secrets`
+-- POST /v1/canary (app/canary_config.py) writes a new seed drawn from Python's `secrets`
 -- whenever a canary starts (exactly when started_at restarts) and keeps it on every other change,
 -- so raising the percent keeps each event's bucket. The column default only fills the rows that
 -- exist when this file runs, and rows that an older SIRA inserts during a rolling upgrade:

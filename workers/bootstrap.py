@@ -14,7 +14,7 @@ import logging
 
 import psycopg
 
-from workers import registry
+from app import registry
 from workers.migrate import apply_migrations
 from workers.modelstore import ModelStore, ModelStoreUnavailable
 from workers.retry import Backoff, call_with_retries

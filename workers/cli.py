@@ -93,7 +93,7 @@ def configure_logging(settings: Settings) -> None:
 
 def check_key_files(settings: Settings) -> None:
     """Every JWT_PUBLIC_KEYS file must hold a usable public key: checked before anything starts."""
-    from app.auth import load_public_key
+    from app.auth_keys import load_public_key
 
     for kid, path in settings.jwt_public_keys.items():
         try:
@@ -151,7 +151,8 @@ def algorithm_of_private_key(pem: bytes, path: str) -> str:
 
 
 def command_token(settings: Settings, args: argparse.Namespace) -> int:
-    from app.auth import KNOWN_ROLES, mint_token
+    from app.auth_keys import mint_token
+    from app.roles import KNOWN_ROLES
     from conf.secret_files import load_jwt_secrets
 
     if args.role not in KNOWN_ROLES:

@@ -36,9 +36,11 @@ from workers.bootstrap import prepare_database_at_start
 from workers.credentials import build_authenticator, reload_credentials
 from workers.instance import dead_predecessor_segments, new_instance_id
 from workers.metrics import mark_worker_dead, prepare_multiprocess_dir, remove_multiprocess_dir
+from workers.model_cleanup import IN_USE_DIR
+from workers.model_sync import first_model_sync
 from workers.modelstore import open_model_store
 from workers.paths import MASTER_PIDFILE, MODELS_DIR, WRITER_PIDFILE, data_path
-from workers.supervisor import CONTROL_KIND, MODEL_STATS_KIND, IN_USE_DIR, first_model_sync, supervisor_sidecar
+from workers.supervisor import CONTROL_KIND, MODEL_STATS_KIND, supervisor_sidecar
 from workers.slots import assign_worker_slot, take_worker_slot
 from workers.writer_process import RINGS_KIND, prediction_log_config, prediction_log_segments, writer_sidecar
 

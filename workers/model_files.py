@@ -6,7 +6,7 @@ import logging
 import os
 
 from workers.modelstore import ModelStore, sha256_of, storage_key
-from workers.registry import RegistryModel
+from app.registry import RegistryModel
 
 log = logging.getLogger("sira.models")
 

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import psycopg
 
 from conf.settings import Settings
-from workers import registry
+from app import registry
 from workers.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
 from workers.modelstore import ModelStoreError, open_model_store
 

@@ -21,8 +21,8 @@ import logging
 import os
 import time
 
-from workers.canary_config import CanaryConfig
-from workers.registry import RegistryModel
+from app.canary_config import CanaryConfig
+from app.registry import RegistryModel
 
 log = logging.getLogger("sira.snapshot")
 

@@ -1,6 +1,6 @@
 """Where a model sync gets the registry's serving state, and what it learns about Postgres and the store.
 
-The supervisor's sync (workers/supervisor.py) asks a `RegistrySource`:
+The supervisor's sync (workers/model_sync.py) asks a `RegistrySource`:
 
 - `read()`: the production models and canaries from Postgres. When the master could not prepare
   the database at start (workers/bootstrap.py), the migrations and the demo model come first, once.
@@ -26,7 +26,7 @@ from app.dependencies import DEPENDENCIES_FILE, MODEL_STORE, POSTGRES, Dependenc
 from workers import registry_snapshot
 from workers.bootstrap import prepare_database
 from workers.modelstore import ModelStore, ModelStoreUnavailable
-from workers.registry import RegistryModel
+from app.registry import RegistryModel
 
 log = logging.getLogger("sira.supervisor")
 

@@ -32,7 +32,7 @@ from tests.fixtures.server import (TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraSer
                                    sira_env)
 from tests.fixtures.waiting import wait_for, wait_for_port
 from workers.registry_snapshot import SNAPSHOT_FILE
-from workers.supervisor import STATS_FILE
+from workers.sync_stats import STATS_FILE
 
 pytestmark = pytest.mark.timeout(300)
 

@@ -30,7 +30,7 @@ from tests.fixtures.models import (
 from tests.fixtures.server import bearer, process_tree, run_sira
 from tests.fixtures.waiting import wait_for
 from workers.modelstore import S3ModelStore
-from workers.supervisor import STATS_FILE
+from workers.sync_stats import STATS_FILE
 
 pytestmark = pytest.mark.timeout(240)
 

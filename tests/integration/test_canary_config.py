@@ -1,4 +1,4 @@
-"""workers/canary_config.py against a real PostgreSQL: checks, started_at, history, rollbacks and stops."""
+"""app/canary_config.py against a real PostgreSQL: checks, started_at, history, rollbacks and stops."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from workers import canary_config, registry
-from workers.canary_config import (CanaryConfigConflict, CanaryModelNotRegistered, CanaryNotConfigured,
+from app import canary_config, registry
+from app.canary_config import (CanaryConfigConflict, CanaryModelNotRegistered, CanaryNotConfigured,
                                    InvalidCanaryValue)
 
 

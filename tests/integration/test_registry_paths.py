@@ -22,8 +22,9 @@ from tests.fixtures.models import demo_spec
 from workers.bootstrap import demo_files
 from workers.model_files import ensure_local_copy
 from workers.modelstore import LocalModelStore, sha256_of
-from workers.registry import RegistryModel
-from workers.supervisor import STATS_FILE, ModelSupervisor
+from app.registry import RegistryModel
+from workers.supervisor import ModelSupervisor
+from workers.sync_stats import STATS_FILE
 
 
 @pytest.fixture

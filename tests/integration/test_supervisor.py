@@ -30,7 +30,8 @@ from tests.fixtures.server import REPO, free_port, is_zombie, process_tree
 from tests.fixtures.waiting import wait_for
 from workers.bootstrap import demo_files
 from workers.modelstore import LocalModelStore, S3ModelStore
-from workers.supervisor import STATS_FILE, ModelSupervisor
+from workers.supervisor import ModelSupervisor
+from workers.sync_stats import STATS_FILE
 
 pytestmark = pytest.mark.timeout(180)
 

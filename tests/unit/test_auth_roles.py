@@ -15,13 +15,8 @@ import falcon.testing
 import jwt
 import pytest
 
-from app.auth import (
-    INTERNAL_PRINCIPAL,
-    Authenticator,
-    AuthMiddleware,
-    KeyRing,
-    Principal,
-)
+from app.auth import INTERNAL_PRINCIPAL, Authenticator, AuthMiddleware, Principal
+from app.auth_keys import KeyRing
 from app.errors import ApiError, Forbidden, RateLimitExceeded, Unauthorized
 from app.main import render_error
 from app.ratelimit import RateLimiter, governing_limit, least_generous

@@ -14,7 +14,7 @@ import falcon.testing
 import pytest
 
 from app.errors import ServiceUnavailable
-from app.infer import shadows_of_kept_events
+from app.infer_batch import shadows_of_kept_events
 from app.models import ModelTable
 from app.requests import parse_infer_request
 from tests.fixtures.infer_app import demo_models, infer_client

@@ -9,7 +9,8 @@ import falcon.asgi
 import falcon.testing
 import pytest
 
-from app.auth import INTERNAL_PRINCIPAL, AuthMiddleware, Authenticator, KeyRing, Principal, mint_token
+from app.auth import INTERNAL_PRINCIPAL, AuthMiddleware, Authenticator, Principal
+from app.auth_keys import KeyRing, mint_token
 from app.errors import ApiError, RateLimitExceeded
 from app.main import render_error
 from app.ratelimit import RateLimiter, most_generous, retry_after_s

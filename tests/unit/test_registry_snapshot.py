@@ -8,10 +8,10 @@ import logging
 
 import pytest
 
-from workers.canary_config import CanaryConfig
-from workers.registry import RegistryModel
+from app.canary_config import CanaryConfig
+from app.registry import RegistryModel
+from workers.registry_queries import CanaryToServe
 from workers.registry_snapshot import RegistrySnapshot, read_snapshot, snapshot_of, write_snapshot
-from workers.supervisor import CanaryToServe
 
 NOW = datetime.datetime(2026, 11, 25, 14, 30, tzinfo=datetime.timezone.utc)
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from app.features import FeatureSpec
-from app.infer import RunStopped, run_model, run_model_rows
+from app.infer_runs import RunStopped, run_model, run_model_rows
 from app.run_deadlines import RunWatchdog
 from app.scoring import ModelRunner
 from tests.fixtures.models import build_dense_model, build_hanging_model, demo_spec

@@ -19,7 +19,8 @@ import falcon.testing
 import pytest
 
 from app import main as app_main
-from app.auth import Authenticator, KeyRing
+from app.auth import Authenticator
+from app.auth_keys import KeyRing
 from app.cache import cache_segment_name, shared_cache
 from app.config import AppConfig, ModelFile
 from app.tracing import Tracing, TracedAuth, TracedCache, open_tracing, tracing_requested
