@@ -137,14 +137,17 @@ class RateLimiter:
         self.lock_failures = 0
         self._on_refusal = on_refusal
         self._clock = clock
-        self._rules: dict[tuple[frozenset[str], bool, str | None], tuple[str, RateLimit | None]] = {}
+        # action -> role set -> rule: nested, so that a request allocates no key. A role set names the
+        # internal principal alone when it is {internal_service} (app/auth.py refuses a JWT that claims it).
+        self._rules: dict[str | None, dict[frozenset[str], tuple[str, RateLimit | None]]] = {}
+        self._rule_count = 0
         self._keys: dict[tuple[str, str], bytes] = {}
         self._last_failure_log_ns: int | None = None
 
     def admit(self, principal: Any, action: str | None = None) -> None:
         """Spend one request of the bucket the action picks (``governing_limit``); RateLimitExceeded when empty."""
-        case = (principal.roles, principal.internal, action)
-        rule = self._rules.get(case)
+        rules = self._rules.get(action)
+        rule = rules.get(principal.roles) if rules is not None else None
         if rule is None:
             rule = self._remember_rule(principal, action)
         role, limit = rule
@@ -194,10 +197,12 @@ class RateLimiter:
                         "(%d so far)", self.table.segment.name, exc, self.lock_failures)
 
     def _remember_rule(self, principal: Any, action: str | None) -> tuple[str, RateLimit | None]:
-        if len(self._rules) >= MAX_REMEMBERED:
+        if self._rule_count >= MAX_REMEMBERED:
             self._rules.clear()
+            self._rule_count = 0
         rule = governing_limit(principal, action, self.limits)
-        self._rules[(principal.roles, principal.internal, action)] = rule
+        self._rules.setdefault(action, {})[principal.roles] = rule
+        self._rule_count += 1
         return rule
 
     def _remember_key(self, role: str, subject: str) -> bytes:

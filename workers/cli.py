@@ -13,7 +13,8 @@ import re
 import signal
 import sys
 
-from conf.settings import ConfigError, Settings, effective_values, load_settings, parse_bind, parse_bounded_int
+from conf.parsers import parse_bind, parse_bounded_int
+from conf.settings import ConfigError, Settings, effective_values, load_settings
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 

@@ -7,7 +7,8 @@ import os
 import pytest
 
 from conf.secrets import jwt_secret_or_generate
-from conf.settings import SETTINGS, ConfigError, load_settings, mask, markdown_table, parse_database_url
+from conf.parsers import parse_database_url
+from conf.settings import SETTINGS, ConfigError, load_settings, mask, markdown_table
 
 
 def test_defaults_match_the_documented_table():
