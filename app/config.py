@@ -31,13 +31,13 @@ class AppConfig:
 
     model_files: list[ModelFile]
     expected_products: list[str]
-    authenticator: Any  # app.auth.Authenticator
+    authenticator: Any  # app.auth.tokens.Authenticator
     max_body_bytes: int = 1_048_576
     batch_max: int = 256
-    cache_segment: str | None = None  # the master's prediction cache (app/cache.py); None: off
+    cache_segment: str | None = None  # the master's prediction cache (app/scoring/cache.py); None: off
     database_url: str | None = None  # the workers' lazily opened pool (app/db.py); None: admin API answers 503
-    prediction_log: Any = None  # app.predlog.PredictionLogConfig (rings, spool); None: predictions not logged
-    # The supervisor's control block (app/model_swap.py): when set, the workers serve its model
+    prediction_log: Any = None  # app.predlog.log.PredictionLogConfig (rings, spool); None: predictions not logged
+    # The supervisor's control block (app/store/swap.py): when set, the workers serve its model
     # table and model_files / expected_products are not used.
     control_segment: str | None = None
     models_in_use_dir: str | None = None  # where each worker lists the model files it holds
@@ -46,7 +46,7 @@ class AppConfig:
     openapi_feature_specs: bool = False  # SIRA_OPENAPI_FEATURE_SPECS: the served feature specs without a token
     model_stats_segment: str | None = None  # the master's per-model counts (shm/model_stats.py); None: not counted
     canary_budget_ms: float = 50.0  # a canary's run time per event above which production answers instead
-    rate_limit_segment: str | None = None  # the master's rate-limit table (app/ratelimit.py); None: no limits
-    rate_limits: Any = None  # conf.rate_limits.RateLimits (SIRA_RATE_LIMITS)
+    rate_limit_segment: str | None = None  # the master's rate-limit table (app/auth/ratelimit.py); None: no limits
+    rate_limits: Any = None  # conf.ratelimit.RateLimits (SIRA_RATE_LIMITS)
     dependencies_file: str | None = None  # the supervisor's view of Postgres and the store (app/dependencies.py)
-    tracing: bool = False  # OpenTelemetry traces (app/tracing.py: tracing_requested); False: nothing traced
+    tracing: bool = False  # OpenTelemetry traces (app/telemetry/tracing.py: tracing_requested); False: nothing traced

@@ -93,7 +93,7 @@ class DependencyBoard:
 
     def _set_gauge(self, name: str, up: bool) -> None:
         if self.publish_gauges:
-            from app.metrics import set_dependency_up
+            from app.telemetry.metrics import set_dependency_up
 
             set_dependency_up(name, up)
 

@@ -1,6 +1,6 @@
 """The one error schema of every endpoint: {error_code, message, request_id, timestamp, details}.
 
-Handlers raise an `ApiError` subclass; `app.main` renders it (and every Falcon HTTPError, and
+Handlers raise an `ApiError` subclass; `app.http.assembly` renders it (and every Falcon HTTPError, and
 any unexpected exception) through `error_body`, so no other error shape can leave the server.
 """
 
@@ -110,7 +110,7 @@ CODE_BY_STATUS = {
 
 def utc_timestamp() -> str:
     """ISO 8601 UTC with milliseconds and a Z, the timestamp format of every response."""
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     return now.strftime("%Y-%m-%dT%H:%M:%S.") + f"{now.microsecond // 1000:03d}Z"
 
 

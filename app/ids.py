@@ -1,7 +1,7 @@
 """Prediction ids: UUIDv7 (RFC 9562), time-ordered, made without a system call per id.
 
 Why v7: an id names the moment it was made (its first 48 bits are unix milliseconds), so the log's
-day partitions and the disk search of ``GET /v1/infer/{id}`` (app/predlog_files.py) can tell from
+day partitions and the disk search of ``GET /v1/infer/{id}`` (app/predlog/files.py) can tell from
 the id alone where its record can be. ``id_time_ms`` reads that moment back.
 
 The ids come from ``uuid_utils.uuid7`` (Rust, the ``uuid`` crate's v7 context): a 48-bit unix ms,
@@ -15,7 +15,7 @@ and a per-process ``random.Random``) 856 ns, ``str(uuid.uuid4())`` 1.79 us (a ``
 call per id).
 
 Ids are not secrets: a caller who sees one can guess its neighbours. Reading a prediction needs a
-role (app/auth.py), never knowledge of its id.
+role (app/auth/tokens.py), never knowledge of its id.
 """
 from __future__ import annotations
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from app.auth import Authenticator, Principal
-from app.auth_keys import KeyRing, mint_token
+from app.auth.keys import KeyRing, mint_token
+from app.auth.tokens import Authenticator, Principal
 
 SECRET = secrets.token_urlsafe(48)
 INTERNAL = secrets.token_urlsafe(32)

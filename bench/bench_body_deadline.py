@@ -1,4 +1,4 @@
-"""Cost of the body deadline's ASGI wrapper (app/body_deadline.py) on the request path, in microseconds.
+"""Cost of the body deadline's ASGI wrapper (app/http/body_deadline.py) on the request path, in microseconds.
 
 Run: ``python -m bench.bench_body_deadline [--rounds N]``. On a uvloop loop, like the workers,
 an ASGI app that reads one body event and answers is called directly and through `BodyDeadline`,
@@ -16,7 +16,7 @@ from time import perf_counter_ns
 
 import uvloop
 
-from app.body_deadline import BodyDeadline
+from app.http.body_deadline import BodyDeadline
 
 SCOPE = {"type": "http", "headers": []}
 EVENT = {"type": "http.request", "body": b'{"event_id": "e"}', "more_body": False}

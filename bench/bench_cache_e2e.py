@@ -32,10 +32,10 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from app.auth_keys import mint_token
-from app.cache import VALUE_SIZE, PredictionCache
+from app.auth.keys import mint_token
 from app.config import ModelFile
-from app.models import ServingModel
+from app.scoring.cache import VALUE_SIZE, PredictionCache
+from app.scoring.models import ServingModel
 from bench.bench_cache import LruTtlDict, redis_store
 from shm.cache import ShmCache
 from shm.segment import segment_name

@@ -12,7 +12,7 @@ import sys
 import tempfile
 import uuid
 
-from app.canary_routing import canary_bucket
+from app.scoring.routing import canary_bucket
 from bench.bench_shm import mean_ns
 from shm.counters import CounterBlock
 from shm.model_stats import ModelStatsWriter, stats_cells

@@ -2,11 +2,11 @@
 
 Run: ``python -m bench.bench_lookup_spool [--megabytes 200] [--batch-rows 5000] [--rate 5000] [--runs 7]``.
 
-Builds a writer spool (``workers.spool.BatchSpool``, real batch files with their id-time names) of
+Builds a writer spool (``app.predlog.spool.BatchSpool``, real batch files with their id-time names) of
 about ``--megabytes`` of prediction records, as a writer spools them while Postgres is away at
 ``--rate`` predictions a second, plus ``--overflow-files`` workers' overflow files with their mtimes
 over the same outage. Then times the search that ``PredictionLog.find_on_disk`` runs
-(``app.predlog_files.search_files``) for an id in the newest batch, an id in the oldest and an id
+(``app.predlog.files.search_files``) for an id in the newest batch, an id in the oldest and an id
 that is in no file (its time inside the outage), against the full scan that searched every file
 before ids were v7 (reimplemented here as ``full_scan``). Median of ``--runs`` lookups each.
 The files were just written, so the page cache is warm: a cold cache makes the full scan slower
@@ -27,8 +27,7 @@ from collections.abc import Callable
 import orjson
 
 from app.ids import id_time_ms
-from app.predlog import BATCHES_DIR, OVERFLOW_DIR, record_prefix
-from app.predlog_files import (
+from app.predlog.files import (
     OVERFLOW_FILE_RECORDS,
     OverflowName,
     encode_frames,
@@ -36,7 +35,8 @@ from app.predlog_files import (
     search_file,
     search_files,
 )
-from workers.spool import BatchSpool
+from app.predlog.log import BATCHES_DIR, OVERFLOW_DIR, record_prefix
+from app.predlog.spool import BatchSpool
 
 OUTAGE_START_MS = 1_800_000_000_000
 
@@ -47,7 +47,7 @@ def v7_at(ms: int, rng: random.Random) -> str:
 
 
 def record(prediction_id: str) -> bytes:
-    """A record as app.predlog.encode_record writes it (about 330 bytes)."""
+    """A record as app.predlog.log.encode_record writes it (about 330 bytes)."""
     return orjson.dumps({
         "prediction_id": prediction_id, "event_id": "evt-" + prediction_id[-12:], "product": "fraud_score",
         "model_id": "6f1c3f7e-2d1b-4c55-9a47-7d2f0c1e9b10", "model_role": "production",

@@ -30,12 +30,12 @@ import sys, numpy as np
 sys.path.insert(0, {repo!r})
 route, path, features = sys.argv[1], sys.argv[2], int(sys.argv[3])
 import onnxruntime as ort
-from app.scoring import make_session_options
+from app.scoring.runner import make_session_options
 keep = None
 if route == "plain":
     session = ort.InferenceSession(path, make_session_options(), providers=["CPUExecutionProvider"])
 elif route == "shared":
-    from app.shared_weights import open_shared_session
+    from app.store.shared_weights import open_shared_session
     session, keep = open_shared_session(path, make_session_options())
 elif route == "ort-bytes":
     options = make_session_options()
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--features", type=int, default=13)
     args = parser.parse_args()
 
-    from app.shared_weights import split_model
+    from app.store.shared_weights import split_model
     from tests.fixtures.models import build_dense_model
     from workers.bootstrap import demo_files
 

@@ -50,8 +50,8 @@ def per_call_ns(call, iterations: int, repeats: int = 5) -> float:
 
 def in_process(iterations: int) -> None:
     """Part 1; runs in a child interpreter so that prometheus_client starts in multiprocess mode."""
-    from app.metrics import SiraMetrics, exposition
-    from app.request_metrics import InferenceMetrics
+    from app.telemetry.metrics import SiraMetrics, exposition
+    from app.telemetry.request_metrics import InferenceMetrics
 
     metrics = SiraMetrics()
     model = SimpleNamespace(product="fraud_score", model_id="aa91be86-45aa-4f6b-9868-19e232bf92b5",
@@ -138,8 +138,8 @@ def access_line_ns(lines: int) -> float:
 
 def demo_model_scorer():
     """score_row of the demo model on its baseline row: the cheapest useful work of a request."""
-    from app.features import load_spec
-    from app.scoring import ModelRunner
+    from app.scoring.features import load_spec
+    from app.scoring.runner import ModelRunner
 
     demo = os.path.join(REPO, "workers", "demo")
     runner = ModelRunner(os.path.join(demo, "fraud_score.onnx"), load_spec(os.path.join(demo, "fraud_score.spec.json")))
@@ -208,7 +208,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 def run_server_part(seconds: int, rounds: int, connections: int) -> None:
-    from app.auth_keys import mint_token
+    from app.auth.keys import mint_token
     from bench.worker_classes import run_wrk
 
     token = mint_token(role="sira_service", subject="bench", ttl_s=3600, secret=JWT_SECRET, kid="default")

@@ -26,10 +26,10 @@ import statistics
 from collections.abc import Callable
 from time import perf_counter_ns
 
-from app.auth import Principal
+from app.auth.ratelimit import RateLimiter
+from app.auth.tokens import Principal
 from app.errors import RateLimitExceeded
-from app.ratelimit import RateLimiter
-from conf.rate_limits import parse_rate_limits
+from conf.ratelimit import parse_rate_limits
 from shm.ratelimit import RateLimitTable, rate_key
 
 S = 1_000_000_000

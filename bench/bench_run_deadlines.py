@@ -3,7 +3,7 @@
 Side by side, in rounds (the median is printed): one demo-model score with no deadline (every
 production request without ``options.timeout_ms``), and the same score with a deadline that does
 not pass (a request with ``timeout_ms``, or a canary run within its budget): ``RunOptions``, the
-watchdog's arm (which wakes its thread) and disarm (app/run_deadlines.py).
+watchdog's arm (which wakes its thread) and disarm (app/scoring/deadlines.py).
 """
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import statistics
 import sys
 import time
 
-from app.features import FeatureSpec
-from app.infer_runs import run_model
-from app.scoring import ModelRunner
+from app.scoring.features import FeatureSpec
+from app.scoring.runner import ModelRunner
+from app.scoring.runs import run_model
 from bench.bench_shm import mean_ns
 from workers.bootstrap import demo_files
 

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from app.features import load_spec
-from app.scoring import ModelRunner
+from app.scoring.features import load_spec
+from app.scoring.runner import ModelRunner
 from workers.demo.train import generate_transactions
 
 DEMO = Path(__file__).resolve().parents[1] / "workers" / "demo"

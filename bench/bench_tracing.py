@@ -2,7 +2,7 @@
 
 Run: .venv/bin/python -m bench.bench_tracing [REQUESTS]
 
-Each mode builds the real app (app/main.py create_app: auth, request id, cache, the demo model) and
+Each mode builds the real app (app/http/assembly.py create_app: auth, request id, cache, the demo model) and
 calls it as an ASGI app in one event loop, no sockets, so the numbers are the app's own time. The
 cache is on but every request has another amount, so each one runs the model (cache lookup, score,
 cache store). On, spans go through the real BatchSpanProcessor to an exporter that drops them (the
@@ -22,9 +22,9 @@ import time
 
 import orjson
 
-from app import main as app_main
-from app.cache import cache_segment_name, shared_cache
-from app.tracing import Tracing, open_tracing
+from app.http import assembly as app_main
+from app.scoring.cache import cache_segment_name, shared_cache
+from app.telemetry.tracing import Tracing, open_tracing
 from tests.fixtures.server import bearer
 from tests.unit.test_tracing import app_config
 

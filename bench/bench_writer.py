@@ -31,18 +31,18 @@ import uuid
 import orjson
 import psycopg
 
-from app.predlog import PredictionLog, PredictionLogConfig, Stat, stat_cells
+from app.predlog.log import PredictionLog, PredictionLogConfig, Stat, stat_cells
 from shm.counters import CounterBlock
 from shm.ring import QueueRings
 from shm.segment import segment_name
-from workers.database import EmbeddedPostgres
 from workers.migrate import apply_migrations
+from workers.postgres import EmbeddedPostgres
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def answer() -> dict:
-    """A response body like app.infer's, with a two-feature explanation."""
+    """A response body like app.http.infer's, with a two-feature explanation."""
     return {"prediction_id": str(uuid.uuid4()), "model_id": "6f1c3f7e-2d1b-4c55-9a47-7d2f0c1e9b10",
             "model_role": "production", "score": 0.123456789, "decision": "allow",
             "explain_summary": [{"feature": "amount", "importance": 0.4123},

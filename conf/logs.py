@@ -45,7 +45,7 @@ PIPE_BUF = 4096  # a write() to a pipe up to this size is never interleaved with
 ACCESS_LINE_ROOM = 512  # a batch is written before it could outgrow PIPE_BUF with one more typical line
 ACCESS_FLUSH_S = 0.2  # the longest an access line waits for its batch
 
-# The request id of the request this code runs for; set by app.middleware.RequestIdMiddleware. In a
+# The request id of the request this code runs for; set by app.http.middleware.RequestIdMiddleware. In a
 # worker it stays set on the connection's task until the next request on that connection.
 REQUEST_ID: ContextVar[str | None] = ContextVar("sira_request_id", default=None)
 

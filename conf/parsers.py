@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from psycopg import conninfo
 

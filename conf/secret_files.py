@@ -18,7 +18,7 @@ Formats, chosen to be unambiguous:
   SIGHUP. Each secret is at least 32 bytes; a kid appears once.
 - INTERNAL_SERVICE_TOKEN_FILE: one token per line (blank lines skipped), each at least 16 bytes and
   without spaces; every one is accepted, so a rotation overlaps old and new.
-- DATABASE_URL_FILE: the URL, read once at start (see README, Secrets from files).
+- DATABASE_URL_FILE: the URL, read once at start (see docs/configuration.md, Secrets from files).
 
 Errors are ValueErrors that name the path and the reason (a JSON entry by its position), never a byte
 of the content: a file with kid and secret swapped must not print the secret.

@@ -2,7 +2,7 @@
 
 The table is the single source: `load_settings` checks every value at start (a bad one is a
 `ConfigError` whose message is the one line the CLI prints before exiting 2), `sira config` prints
-the effective values with secrets masked, and the README's configuration table is generated from it
+the effective values with secrets masked, and the configuration table of docs/configuration.md is generated from it
 (`python -m conf.settings --markdown`).
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Callable, Mapping
-
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from conf.parsers import (
     parse_bind,
@@ -34,11 +34,10 @@ from conf.parsers import (
     parse_switch,
     parse_timeout_s,
 )
-from conf.tls import check_tls, parse_client_auth, parse_pem_file
-
-from conf.rate_limits import RateLimits, parse_rate_limits
+from conf.ratelimit import RateLimits, parse_rate_limits
 from conf.redact import redact, redact_text
 from conf.secret_files import FILE_VARIABLES, read_jwt_secrets, read_secret_file, read_service_tokens
+from conf.tls import check_tls, parse_client_auth, parse_pem_file
 
 
 class ConfigError(ValueError):
@@ -199,7 +198,7 @@ class Settings:
     canary_max_latency_ratio: float
     rate_limits: RateLimits
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
 

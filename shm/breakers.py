@@ -3,7 +3,7 @@
 The supervisor (workers/canary_watch.py) is the only writer: it opens a canary's breaker after
 too many failures, half-opens it after a cool-down and closes it once the canary answers again.
 A worker reads one cell per canary-routed event: while the breaker is open the event goes to
-production (``app/model_swap.py``). The layout follows the stats regions of shm/model_stats.py::
+production (``app/store/swap.py``). The layout follows the stats regions of shm/model_stats.py::
 
     breaker b = BREAKER_CELLS cells from breaker_base(block) + b * BREAKER_CELLS:
         0 model id, high u64 | 1 model id, low u64 | 2 used (1) | 3 state (0 closed, 1 open, 2 half-open)

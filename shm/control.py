@@ -17,8 +17,9 @@ import math
 import struct
 import uuid
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Final, Mapping
+from typing import Final
 
 from shm.segment import (
     COMMON_HEADER_SIZE,
@@ -83,7 +84,7 @@ class ProductEntry:
     canary: ModelSlot | None = None
     canary_bp: int = 0           # share of traffic for the canary in basis points, 0-10000
     mode: str = "canary"         # "canary" (serves its share) or "shadow" (scored, not served)
-    # The canary's routing seed (app/canary_routing.py): 16 bytes, kept out of repr so that a
+    # The canary's routing seed (app/scoring/routing.py): 16 bytes, kept out of repr so that a
     # logged entry never shows it.
     canary_seed: bytes = field(default=ZERO_SEED, repr=False)
 

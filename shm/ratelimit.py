@@ -1,7 +1,7 @@
 """The rate-limit table: one token bucket per key, shared by every worker of a host.
 
 The master creates it before forking (``RateLimitTable.create``) and unlinks it at exit; workers
-attach by name. A key is a 16-byte digest made by the caller with ``rate_key`` (``app/ratelimit.py``
+attach by name. A key is a 16-byte digest made by the caller with ``rate_key`` (``app/auth/ratelimit.py``
 hashes the role and the token's subject); a rate is (``interval_ns``, ``period_ns``): at most
 ``period_ns // interval_ns`` requests at once, then one per ``interval_ns``. Which key gets which
 rate is the caller's business: this module knows nothing of roles or HTTP.

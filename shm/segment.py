@@ -15,7 +15,8 @@ import os
 import re
 import struct
 import time
-from typing import Callable, Final, TypeVar
+from collections.abc import Callable
+from typing import Final, TypeVar
 
 DEFAULT_DIRECTORY: Final = "/dev/shm"
 NAME_PREFIX: Final = "sira-"

@@ -17,7 +17,7 @@ import os
 import signal
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from gunicorn import util
 from gunicorn.arbiter import Arbiter

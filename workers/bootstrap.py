@@ -14,9 +14,9 @@ import logging
 
 import psycopg
 
-from app import registry
+from app.store import registry
+from app.store.buckets import ModelStore, ModelStoreUnavailable
 from workers.migrate import apply_migrations
-from workers.modelstore import ModelStore, ModelStoreUnavailable
 from workers.retry import Backoff, call_with_retries
 
 log = logging.getLogger("sira.bootstrap")

@@ -20,7 +20,7 @@ extra row per feature off its baseline) with explained runs, each only when both
 the canary look slow (and roll it back) without the canary model being any slower.
 
 Rolling back sets the product's canary percent to 0 in Postgres and writes a row to
-``sira_canary_rollback_log`` with the reason and the figures (app/canary_config.py, in one
+``sira_canary_rollback_log`` with the reason and the figures (app/store/canary_config.py, in one
 transaction, so two instances never both log it), which NOTIFYs every instance to re-sync; the
 supervisor logs it and counts it in ``sira_canary_rollbacks_total``. The window is cleared after a
 rollback so that the figures of a rolled-back canary never judge the next one.
@@ -32,7 +32,7 @@ import collections
 import dataclasses
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from shm import breakers
 from shm.control import ProductEntry

@@ -94,7 +94,7 @@ def configure_logging(settings: Settings) -> None:
 
 def check_key_files(settings: Settings) -> None:
     """Every JWT_PUBLIC_KEYS file must hold a usable public key: checked before anything starts."""
-    from app.auth_keys import load_public_key
+    from app.auth.keys import load_public_key
 
     for kid, path in settings.jwt_public_keys.items():
         try:
@@ -104,9 +104,9 @@ def check_key_files(settings: Settings) -> None:
 
 
 def command_serve(settings: Settings, args: argparse.Namespace) -> int:
-    from workers.database import open_database
     from workers.instance import DataDirInUse, DataDirNotPrivate, check_private, lock_data_dir
     from workers.master import read_ops_config, serve
+    from workers.postgres import open_database
 
     check_key_files(settings)
     if settings.gunicorn_config:
@@ -126,8 +126,8 @@ def command_serve(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def command_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from workers.database import open_database
     from workers.migrate import apply_migrations
+    from workers.postgres import open_database
 
     with open_database(settings.database_url, settings.data_dir) as dsn:
         applied = apply_migrations(dsn)
@@ -152,8 +152,8 @@ def algorithm_of_private_key(pem: bytes, path: str) -> str:
 
 
 def command_token(settings: Settings, args: argparse.Namespace) -> int:
-    from app.auth_keys import mint_token
-    from app.roles import KNOWN_ROLES
+    from app.auth.keys import mint_token
+    from app.auth.roles import KNOWN_ROLES
     from conf.secret_files import load_jwt_secrets
 
     if args.role not in KNOWN_ROLES:
@@ -188,7 +188,7 @@ def command_token(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def command_reload(settings: Settings, args: argparse.Namespace) -> int:
-    from workers.paths import MASTER_PIDFILE, data_path
+    from conf.paths import MASTER_PIDFILE, data_path
 
     try:
         load_settings()  # the secret files, read here for a warning only: the server checks them again

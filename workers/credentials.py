@@ -18,8 +18,8 @@ import dataclasses
 import logging
 import os
 
-from app.auth import Authenticator
-from app.auth_keys import KeyRing
+from app.auth.keys import KeyRing
+from app.auth.tokens import Authenticator
 from conf.logs import mask_secrets
 from conf.secret_files import load_jwt_secrets, load_service_tokens
 

@@ -15,7 +15,7 @@ gunicorn/asgi/protocol.py and seen on a live server:
   whole body by nothing, so a byte every 29 s holds the request forever. `SiraProtocol` gives a
   body SIRA_BODY_TIMEOUT_S from the moment it is found unfinished after a read (a body that comes
   with its headers never arms the timer); past it the app's `receive` returns `http.disconnect`,
-  which app/body_deadline.py answers with 408.
+  which app/http/body_deadline.py answers with 408.
 - The TLS handshake itself is bounded by asyncio's default ssl_handshake_timeout (60 s).
 - `worker_connections` is not enforced by this worker: idle connections cost memory and a file
   descriptor each until the header timeout closes them.

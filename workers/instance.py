@@ -28,7 +28,7 @@ import secrets
 import stat
 import time
 
-from app.predlog import BATCHES_DIR, CORRUPT_DIR, OVERFLOW_DIR, REJECTED_DIR, SPOOL_DIR
+from app.predlog.log import BATCHES_DIR, CORRUPT_DIR, OVERFLOW_DIR, REJECTED_DIR, SPOOL_DIR
 from shm.segment import DEFAULT_DIRECTORY, NAME_PREFIX
 from workers.processes import process_exists
 

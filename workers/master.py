@@ -4,7 +4,7 @@ Before gunicorn starts, the master prepares everything the workers share: the da
 or DATABASE_URL), migrations, the demo model on a first start, the shared-memory segments (the
 control block among them). Workers are forked afterwards and each builds its Falcon app once; the
 supervisor sidecar (workers/supervisor.py) fetches and checks the models and publishes them in the
-control block, and the workers load them from there (app/model_swap.py).
+control block, and the workers load them from there (app/store/swap.py).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from typing import Any
 from gunicorn.app.base import BaseApplication
 from gunicorn.config import Config as GunicornConfig
 
-from app.cache import cache_segment_name, shared_cache
+from app.auth.ratelimit import rate_limit_segment_name, shared_rate_limits
 from app.config import AppConfig
 from app.dependencies import DEPENDENCIES_FILE
-from app.ratelimit import rate_limit_segment_name, shared_rate_limits
-from app.tracing import tracing_from_environment
+from app.scoring.cache import cache_segment_name, shared_cache
+from app.store.buckets import open_model_store
+from app.telemetry.tracing import tracing_from_environment
 from conf.logs import GunicornJsonLogger, access_log_enabled, set_process_role
+from conf.paths import MASTER_PIDFILE, MODELS_DIR, WRITER_PIDFILE, data_path
 from conf.settings import ConfigError, Settings, check_metrics_bind
 from conf.tls import gunicorn_tls_options
 from shm.control import ControlBlock
@@ -38,10 +40,8 @@ from workers.instance import dead_predecessor_segments, new_instance_id
 from workers.metrics import mark_worker_dead, prepare_multiprocess_dir, remove_multiprocess_dir
 from workers.model_cleanup import IN_USE_DIR
 from workers.model_sync import first_model_sync
-from workers.modelstore import open_model_store
-from workers.paths import MASTER_PIDFILE, MODELS_DIR, WRITER_PIDFILE, data_path
-from workers.supervisor import CONTROL_KIND, MODEL_STATS_KIND, supervisor_sidecar
 from workers.slots import assign_worker_slot, take_worker_slot
+from workers.supervisor import CONTROL_KIND, MODEL_STATS_KIND, supervisor_sidecar
 from workers.writer_process import RINGS_KIND, prediction_log_config, prediction_log_segments, writer_sidecar
 
 log = logging.getLogger("sira.master")
@@ -111,7 +111,7 @@ def read_ops_config(path: str) -> dict[str, Any]:
 
 
 class SiraApplication(BaseApplication):
-    """gunicorn configured from conf/ (plus an optional ops config file), serving app.main."""
+    """gunicorn configured from conf/ (plus an optional ops config file), serving app.http.assembly."""
 
     def __init__(self, settings: Settings, app_config: AppConfig, sidecars: list[Sidecar] | None = None):
         self.settings = settings
@@ -126,7 +126,7 @@ class SiraApplication(BaseApplication):
     def load_config(self) -> None:
         settings = self.settings
         options = {
-            # METRICS_BIND: a second listener of the same workers; app/metrics.py limits its paths.
+            # METRICS_BIND: a second listener of the same workers; app/telemetry/metrics.py limits its paths.
             "bind": [settings.bind] + ([settings.metrics_bind] if settings.metrics_bind else []),
             "workers": settings.workers,
             # gunicorn's asgi worker, with header and body timeouts and no cleartext fallback (workers/http_worker.py)
@@ -174,10 +174,10 @@ class SiraApplication(BaseApplication):
 
     def load(self):
         """Runs in each worker after the fork: only here may onnxruntime be imported (app/config.py)."""
-        from app.body_deadline import BodyDeadline
-        from app.main import create_app
+        from app.http.assembly import create_app
+        from app.http.body_deadline import BodyDeadline
 
-        # a body cut off by SIRA_BODY_TIMEOUT_S (workers/http_worker.py) is answered 408 (app/body_deadline.py)
+        # a body cut off by SIRA_BODY_TIMEOUT_S (workers/http_worker.py) is answered 408 (app/http/body_deadline.py)
         return BodyDeadline(create_app(self.app_config, worker_slot=self.worker_slot), self.settings.body_timeout_s)
 
 

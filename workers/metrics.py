@@ -1,7 +1,7 @@
 """The master's part of the metrics: the multiprocess folder, and forgetting the gauges of dead processes.
 
 Every process of a `sira serve` writes its metric values to its own files in one folder
-(app/metrics.py explains the scheme). The master empties that folder and names it in
+(app/telemetry/metrics.py explains the scheme). The master empties that folder and names it in
 PROMETHEUS_MULTIPROC_DIR before it forks anything, so every child inherits it; when a worker or a
 sidecar dies, its files of live gauges are removed (counters stay: they are what makes a total
 survive a restart). prometheus_client is imported here only after the variable is set.
@@ -18,7 +18,7 @@ import os
 import shutil
 import sys
 
-from app.metrics import MULTIPROC_ENV
+from app.telemetry.metrics import MULTIPROC_ENV
 from shm.segment import DEFAULT_DIRECTORY, NAME_PREFIX
 from workers.instance import data_dir_key
 

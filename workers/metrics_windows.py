@@ -60,7 +60,7 @@ def next_boundary(now: float, window_s: float) -> float:
 def window_row(start: float, window_s: float, product: str, model_id: str, role: str,
                figures: ModelFigures) -> tuple:
     allow, review, block = figures.decisions
-    return (dt.datetime.fromtimestamp(start, dt.timezone.utc), max(1, round(window_s)), product, model_id, role,
+    return (dt.datetime.fromtimestamp(start, dt.UTC), max(1, round(window_s)), product, model_id, role,
             figures.requests, figures.errors, figures.latency_quantile_ms(0.50), figures.latency_quantile_ms(0.95),
             figures.latency_quantile_ms(0.99), allow, review, block)
 

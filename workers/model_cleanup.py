@@ -1,7 +1,7 @@
 """Removing the model files of old generations once nothing uses them.
 
 Each worker lists the files it holds in ``models/in-use/<pid>`` (one base name per line, written by
-app/model_swap.py before it opens them). After each sync (workers/model_sync.py) the model files
+app/store/swap.py before it opens them). After each sync (workers/model_sync.py) the model files
 that neither the new table, nor the registry's production models, nor a live worker's list names
 are removed; the lists of dead workers go with them.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import os
 
-from app import registry
+from app.store import registry
 from shm.control import ProductEntry
 from workers.processes import process_exists
 

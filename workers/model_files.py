@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
-from workers.modelstore import ModelStore, sha256_of, storage_key
-from app.registry import RegistryModel
+from app.store.buckets import ModelStore, sha256_of, storage_key
+from app.store.registry import RegistryModel
 
 log = logging.getLogger("sira.models")
 

@@ -18,7 +18,7 @@ The master runs one sync before it forks (`first_model_sync`), so that workers b
 models loaded; the supervisor sidecar (workers/supervisor.py) runs the ones after. onnxruntime is
 never imported here: both are forked from the master and fork the load checks (see app/config.py).
 
-Errors are counted in ``sira_model_load_errors_total{reason}`` (app/metrics.py), reasons:
+Errors are counted in ``sira_model_load_errors_total{reason}`` (app/telemetry/metrics.py), reasons:
 ``registry_unreachable``, ``store_unreachable``, ``download_failed``, ``sha256_mismatch``,
 ``invalid_spec``, ``invalid_model``, ``spec_mismatch``, ``smoke_failed``, ``load_crashed``,
 ``load_timeout``, ``invalid_entry``, ``publish_failed``, ``internal_error``. The same counts and the
@@ -37,8 +37,10 @@ import time
 
 import psycopg
 
-from app import registry
-from app.metrics import count_model_load_error, set_model_generation
+from app.store import registry
+from app.store.buckets import ModelStore, ModelStoreError, open_model_store
+from app.telemetry.metrics import count_model_load_error, set_model_generation
+from conf.paths import MODELS_DIR, data_path
 from conf.settings import Settings
 from shm.control import PATH_BYTES, PRODUCT_BYTES, VERSION_BYTES, ControlBlock, ModelSlot, ProductEntry
 from workers.canary_watch import CanaryWatch
@@ -46,8 +48,6 @@ from workers.load_check import LoadChecker, ModelNotReady
 from workers.metrics_windows import MetricsWindows
 from workers.model_cleanup import IN_USE_DIR, remove_unused_files
 from workers.model_files import ensure_local_copy
-from workers.modelstore import ModelStore, ModelStoreError, open_model_store
-from workers.paths import MODELS_DIR, data_path
 from workers.registry_queries import CanaryToServe, read_serving_state
 from workers.registry_source import RegistrySource
 from workers.sync_stats import STATS_FILE, load_stats, write_json_atomically

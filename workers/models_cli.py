@@ -21,12 +21,12 @@ from collections.abc import Iterator
 
 import psycopg
 
+from app.store import registry
+from app.store.buckets import ModelStoreError, open_model_store
 from conf.settings import Settings
-from app import registry
 from workers.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
-from workers.modelstore import ModelStoreError, open_model_store
 
-PRODUCT_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")  # the API's product names (app/requests.py)
+PRODUCT_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")  # the API's product names (app/http/requests.py)
 VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
 MODEL_ID_PATTERN = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 
@@ -123,7 +123,7 @@ def one_line(message: str) -> str:
 
 def read_spec(path: str) -> dict:
     """The spec file as a validated dict; UsageError naming the file and the problem."""
-    from app.features import FeatureSpec
+    from app.scoring.features import FeatureSpec
 
     try:
         with open(path, "rb") as handle:
@@ -152,8 +152,8 @@ def check_model_file(path: str) -> None:
 
 def smoke_test(path: str, spec: dict) -> float:
     """Load the model as a worker would, check it against its spec and score the baseline row."""
-    from app.features import FeatureSpec
-    from app.scoring import ModelLoadError, ModelRunner
+    from app.scoring.features import FeatureSpec
+    from app.scoring.runner import ModelLoadError, ModelRunner
 
     try:
         return ModelRunner(path, FeatureSpec.from_dict(spec)).smoke_check()
@@ -240,8 +240,8 @@ async def run_promotion(dsn: str, model_id: str, target: str) -> registry.Promot
 @contextlib.contextmanager
 def registry_database(settings: Settings) -> Iterator[str]:
     """The database as `sira serve` uses it (DATABASE_URL or the embedded one), migrated."""
-    from workers.database import open_database
     from workers.migrate import apply_migrations
+    from workers.postgres import open_database
 
     with open_database(settings.database_url, settings.data_dir) as dsn:
         apply_migrations(dsn)

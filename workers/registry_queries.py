@@ -10,7 +10,7 @@ import dataclasses
 
 import psycopg
 
-from app import canary_config, registry
+from app.store import canary_config, registry
 from workers.canary_watch import RollbackVerdict
 
 CONNECT_TIMEOUT_S = 5

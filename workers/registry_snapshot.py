@@ -21,8 +21,8 @@ import logging
 import os
 import time
 
-from app.canary_config import CanaryConfig
-from app.registry import RegistryModel
+from app.store.canary_config import CanaryConfig
+from app.store.registry import RegistryModel
 
 log = logging.getLogger("sira.snapshot")
 
@@ -97,7 +97,7 @@ def snapshot_of(generation: int, models: list[RegistryModel], canaries) -> Regis
 
 
 def describe(snapshot: RegistrySnapshot) -> str:
-    written = datetime.datetime.fromtimestamp(snapshot.written_at, datetime.timezone.utc)
+    written = datetime.datetime.fromtimestamp(snapshot.written_at, datetime.UTC)
     return (f"generation {snapshot.generation} of {written:%Y-%m-%dT%H:%M:%SZ} "
             f"({', '.join(f'{m.product}={m.model_id}' for m in snapshot.models) or 'no model'})")
 

@@ -23,10 +23,10 @@ from collections.abc import Callable
 import psycopg
 
 from app.dependencies import DEPENDENCIES_FILE, MODEL_STORE, POSTGRES, DependencyBoard
+from app.store.buckets import ModelStore, ModelStoreUnavailable
+from app.store.registry import RegistryModel
 from workers import registry_snapshot
 from workers.bootstrap import prepare_database
-from workers.modelstore import ModelStore, ModelStoreUnavailable
-from app.registry import RegistryModel
 
 log = logging.getLogger("sira.supervisor")
 

@@ -12,7 +12,7 @@ of each step, and none retries in a tight loop (a delay is never below half its 
 
 S3 is not retried here: boto3 retries each request itself (botocore's "standard" retry mode,
 exponential backoff with jitter, a capped number of attempts, connect and read timeouts, set
-explicitly in workers/modelstore.py). Wrapping it in a loop of ours would multiply the attempts.
+explicitly in app/store/buckets.py). Wrapping it in a loop of ours would multiply the attempts.
 """
 
 from __future__ import annotations

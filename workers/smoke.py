@@ -9,7 +9,7 @@ imports done, for the next model). It prints one JSON line:
 ``{"ok": false, "reason": REASON, "error": MESSAGE}``, and exits 0 either way; any other ending
 (a crash inside onnxruntime, a kill) is the supervisor's to name.
 
-It also writes the model's shared form (app/shared_weights.py) beside it and serves that only when
+It also writes the model's shared form (app/store/shared_weights.py) beside it and serves that only when
 it loads, passes the smoke check and scores the same rows as the original within ``TOLERANCE``.
 
 Why a process of its own: onnxruntime must not be imported in the master or the supervisor (a
@@ -42,8 +42,8 @@ class SmokeFailed(Exception):
 
 def check_model(model_path: str, spec_path: str) -> dict:
     """Load, check and smoke-score the model; returns what to serve, or raises SmokeFailed."""
-    from app.features import FeatureSpec
-    from app.scoring import ModelLoadError, ModelRunner, ModelSpecMismatch
+    from app.scoring.features import FeatureSpec
+    from app.scoring.runner import ModelLoadError, ModelRunner, ModelSpecMismatch
 
     try:
         with open(spec_path, encoding="utf-8") as handle:
@@ -69,8 +69,8 @@ def check_model(model_path: str, spec_path: str) -> dict:
 
 def shared_form(model_path: str, spec, original) -> tuple[str, int] | None:
     """(graph path, size of its weights file) when the shared form exists and agrees with the original, else None."""
-    from app.scoring import ModelLoadError, ModelRunner
-    from app.shared_weights import SharedFormError, split_model, weights_path_for
+    from app.scoring.runner import ModelLoadError, ModelRunner
+    from app.store.shared_weights import SharedFormError, split_model, weights_path_for
 
     try:
         graph_path = split_model(model_path)
@@ -124,8 +124,8 @@ def wait_for_job() -> tuple[str, str] | None:
     The supervisor keeps one such process ready, so a promotion does not wait for the imports
     (about half a second). End of input (the supervisor stopped or died) returns None.
     """
-    import app.scoring  # noqa: F401  (the slow imports, done before the job arrives)
-    import app.shared_weights  # noqa: F401
+    import app.scoring.runner  # noqa: F401  (the slow imports, done before the job arrives)
+    import app.store.shared_weights  # noqa: F401
 
     line = sys.stdin.readline()
     if not line.strip():

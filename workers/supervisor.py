@@ -25,7 +25,9 @@ import time
 
 import psycopg
 
-from app.metrics import count_canary_rollback
+from app.store.buckets import ModelStore, open_model_store
+from app.telemetry.metrics import count_canary_rollback
+from conf.paths import MODELS_DIR, SUPERVISOR_PIDFILE, data_path
 from conf.settings import Settings
 from shm.control import ControlBlock
 from shm.counters import CounterBlock
@@ -33,8 +35,6 @@ from workers.arbiter import Sidecar
 from workers.canary_watch import CHECK_S, BreakerRules, CanaryWatch, RollbackRules, RollbackVerdict
 from workers.metrics_windows import METRICS_CUT_FILE, MetricsWindows, next_boundary
 from workers.model_sync import ModelSync, one_line
-from workers.modelstore import ModelStore, open_model_store
-from workers.paths import MODELS_DIR, SUPERVISOR_PIDFILE, data_path
 from workers.registry_queries import CONNECT_TIMEOUT_S, roll_back_canary
 from workers.retry import Backoff
 from workers.sync_stats import STATS_FILE

@@ -1,10 +1,10 @@
 """The writer: a sidecar of the master that drains every worker's ring into Postgres, nothing lost.
 
-Loop (asyncio on uvloop; Postgres through ``workers/prediction_sink.py``):
+Loop (asyncio on uvloop; Postgres through ``app/predlog/sink.py``):
 
 1. Take a batch from the rings (up to ``SIRA_WRITER_BATCH_ROWS`` records, every slot in turn).
 2. Postgres reachable: COPY it and ``INSERT ... ON CONFLICT (prediction_id) DO NOTHING``,
-   commit. Postgres away: write it to the spool (``workers/spool.py``, fsynced). Only
+   commit. Postgres away: write it to the spool (``app/predlog/spool.py``, fsynced). Only
    then advance the rings' read positions. A writer killed in between re-sends at most that batch,
    and the insert is idempotent, so nothing is lost and nothing doubled.
 3. Postgres reachable again: replay the spool oldest first, and the overflow files that workers
@@ -18,12 +18,12 @@ appended behind the drain, and if the rings still hold records when the master l
 that was down at that moment) the master drains them itself (``prediction_log_segments``).
 
 The rings include those a dead instance of the data dir left (``workers/writer_rings.py``, which also
-sets damaged records aside). Disk errors never end the writer (``app/predlog_disk.py``): what could not
+sets damaged records aside). Disk errors never end the writer (``app/predlog/disk.py``): what could not
 be written stays where it was and is tried again. With Postgres away at stop, the spool is handed to
-the bucket, and handed-off spools of any instance are replayed here (``workers/spool_handoff.py``).
+the bucket, and handed-off spools of any instance are replayed here (``app/predlog/handoff.py``).
 The process around this class: ``workers/writer_process.py``.
 
-Counters go to the counter block (``app.predlog.Stat``) for metrics.
+Counters go to the counter block (``app.predlog.log.Stat``) for metrics.
 """
 from __future__ import annotations
 
@@ -34,14 +34,15 @@ import os
 import signal
 import time
 
-from app.predlog import PredictionLogConfig, Stat
-from app.predlog_disk import DiskTrouble
+from app.predlog.disk import DiskTrouble
+from app.predlog.handoff import BATCHES, OVERFLOW, HandoffError, SpoolHandoff
+from app.predlog.log import PredictionLogConfig, Stat
+from app.predlog.sink import DatabaseAway, PostgresSink
+from app.predlog.spool import BatchSpool, OverflowFile, OverflowFiles, SpoolCorrupt, keep_aside
 from shm.counters import CounterBlock
 from shm.ring import QueueRings
-from workers.prediction_sink import DatabaseAway, PostgresSink
+from workers.processes import process_exists
 from workers.retry import Backoff
-from workers.spool import BatchSpool, OverflowFile, OverflowFiles, SpoolCorrupt, keep_aside
-from workers.spool_handoff import BATCHES, OVERFLOW, HandoffError, SpoolHandoff
 from workers.writer_rings import RingSet
 
 log = logging.getLogger("sira.writer")
@@ -69,11 +70,11 @@ class PredictionWriter:
         self.disk = DiskTrouble(lambda reason: stats.add(Stat.WRITER_DISK_ERRORS + reason), log, "prediction writer")
         self.rings_set = RingSet(rings, adopted or [], stats, config.corrupt_dir, self.disk)
         self.overflow = OverflowFiles(config.overflow_dir, config.instance_id,
-                                      lambda slot: self.rings_set.own[slot].producer()[1])
+                                      lambda slot: self.rings_set.own[slot].producer()[1], process_exists)
         self.database_up = True  # until a write says otherwise
         self.spool_ready = False     # opened (counted) in the first step; again after a disk error
         self.overflow_bytes = 0      # the workers' overflow files share the spool's budget
-        self.handoff = handoff       # the bucket's handed-off spool (workers/spool_handoff.py)
+        self.handoff = handoff       # the bucket's handed-off spool (app/predlog/handoff.py)
         self._handoff_keys: list[str] = []
         self._handoff_check_at = 0.0
         self._handoff_failing = False
@@ -109,7 +110,7 @@ class PredictionWriter:
 
         A commit costs Postgres about the same whatever its size, so rows that arrive at a steady
         rate are sent at most every ``linger_s`` (SIRA_WRITER_LINGER_MS) rather than as soon as
-        the last commit returns: measured (README, prediction log), the writer and Postgres spent
+        the last commit returns: measured (docs/prediction-log.md), the writer and Postgres spent
         34 us of CPU per row at 100 ms instead of 108 us. Idle rings are looked at every POLL_S.
         """
         if not moved:

@@ -21,16 +21,16 @@ from collections.abc import Iterator
 import orjson
 import uvloop
 
-from app.predlog import SPOOL_DIR, PredictionLogConfig, Stat, stat_cells
+from app.predlog.handoff import SpoolHandoff
+from app.predlog.log import SPOOL_DIR, PredictionLogConfig, Stat, stat_cells
+from app.predlog.sink import PostgresSink
+from app.predlog.spool import BatchSpool, keep_copy
+from conf.paths import data_path
 from conf.settings import Settings
 from shm.counters import CounterBlock
 from shm.ring import QueueRings
 from shm.segment import SegmentError, remove_segment, segment_name, segment_path
 from workers.arbiter import Sidecar
-from workers.paths import data_path
-from workers.prediction_sink import PostgresSink
-from workers.spool import BatchSpool, keep_copy
-from workers.spool_handoff import SpoolHandoff
 from workers.writer import STOP_DEADLINE_S, PredictionWriter
 
 log = logging.getLogger("sira.writer")
@@ -65,7 +65,7 @@ def spool_handoff(config: PredictionLogConfig) -> SpoolHandoff | None:
     """The bucket the spool is handed to at stop (MODEL_BUCKET), or None with a local model store."""
     if not config.handoff_bucket:
         return None
-    from workers.modelstore import S3ModelStore
+    from app.store.buckets import S3ModelStore
 
     return SpoolHandoff(S3ModelStore(config.handoff_bucket, config.handoff_endpoint), config.handoff_prefix)
 

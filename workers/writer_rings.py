@@ -21,12 +21,12 @@ import time
 
 import orjson
 
-from app.predlog import Stat
-from app.predlog_disk import DiskTrouble
+from app.predlog.disk import DiskTrouble
+from app.predlog.log import Stat
+from app.predlog.spool import keep_aside
 from shm.counters import CounterBlock
 from shm.ring import QueueRings, RingCorrupt, RingReader
 from shm.segment import remove_segment
-from workers.spool import keep_aside
 
 log = logging.getLogger("sira.writer")
 

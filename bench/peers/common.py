@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 
-from app.features import decide
 from app.config import ModelFile
-from app.models import ServingModel
+from app.scoring.features import decide
+from app.scoring.models import ServingModel
 from workers.bootstrap import demo_files
 
 

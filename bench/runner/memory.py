@@ -26,7 +26,7 @@ def pss_mib(pid: int) -> float:
 
 def run_memory(worker_counts: list[int], hidden: int, layers: int, features: int = 13,
                say: Callable[[str], None] = print) -> dict:
-    from app.shared_weights import split_model
+    from app.store.shared_weights import split_model
     from bench.bench_memory import measure
     from tests.fixtures.models import build_dense_model
     from workers.bootstrap import demo_files

@@ -133,7 +133,7 @@ def sira_env(data_dir: str, port: int, workers: int, secret: str) -> dict[str, s
 
 
 def mint(role: str, secret: str) -> str:
-    from app.auth_keys import mint_token
+    from app.auth.keys import mint_token
 
     return mint_token(role=role, subject=f"bench-{role}", ttl_s=6 * 3600, secret=secret, kid="default")
 

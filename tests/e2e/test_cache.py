@@ -11,7 +11,7 @@ import uuid
 import httpx
 import pytest
 
-from tests.fixtures.server import (module_server, SiraServer, bearer)
+from tests.fixtures.server import SiraServer, bearer, module_server
 
 ENOUGH_FOR_BOTH_WORKERS = 200
 

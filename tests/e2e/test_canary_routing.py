@@ -2,7 +2,7 @@
 
 The canary is set through POST /v1/canary; the supervisor mirrors it into the control block (its
 NOTIFY reaches every instance on the database), the workers route each event by its bucket
-(app/canary_routing.py, recomputed here with the canary's routing seed, read from Postgres since
+(app/scoring/routing.py, recomputed here with the canary's routing seed, read from Postgres since
 the API never answers it, to check every answer), and the supervisor's watch rolls a misbehaving
 canary back (workers/canary_watch.py).
 """
@@ -17,8 +17,8 @@ import httpx
 import psycopg
 import pytest
 
-from app.canary_routing import goes_to_canary
-from app.features import FeatureSpec
+from app.scoring.features import FeatureSpec
+from app.scoring.routing import goes_to_canary
 from tests.fixtures.metrics import scrape, total
 from tests.fixtures.models import (
     build_dense_model,

@@ -2,7 +2,7 @@
 
 A client picks its event ids and reads ``model_role`` in every answer. It must not be able to
 (a) compute or keep a list of event ids that meet the canary (the bucket hash is keyed with a
-per-canary routing seed that no answer holds, app/canary_routing.py), nor (b) roll a healthy
+per-canary routing seed that no answer holds, app/scoring/routing.py), nor (b) roll a healthy
 canary back by asking for explanations (dearer runs) only on the canary's events (the watch
 compares plain runs with plain runs and explained with explained, workers/canary_watch.py).
 """
@@ -16,7 +16,7 @@ import time
 import httpx
 import pytest
 
-from app.canary_routing import goes_to_canary
+from app.scoring.routing import goes_to_canary
 from tests.e2e.test_canary_routing import (
     PRODUCT,
     ROLLBACK_ENV,

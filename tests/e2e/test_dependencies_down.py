@@ -28,8 +28,7 @@ import pytest
 
 from tests.fixtures.metrics import scrape
 from tests.fixtures.s3 import S3_ENV, S3Bucket
-from tests.fixtures.server import (TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, bearer, free_port,
-                                   sira_env)
+from tests.fixtures.server import TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, bearer, free_port, sira_env
 from tests.fixtures.waiting import wait_for, wait_for_port
 from workers.registry_snapshot import SNAPSHOT_FILE
 from workers.sync_stats import STATS_FILE

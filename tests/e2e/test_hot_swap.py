@@ -20,6 +20,7 @@ import httpx
 import psycopg
 import pytest
 
+from app.store.buckets import S3ModelStore
 from tests.e2e.test_infer import event
 from tests.fixtures.models import (
     build_dense_model,
@@ -29,7 +30,6 @@ from tests.fixtures.models import (
 )
 from tests.fixtures.server import bearer, process_tree, run_sira
 from tests.fixtures.waiting import wait_for
-from workers.modelstore import S3ModelStore
 from workers.sync_stats import STATS_FILE
 
 pytestmark = pytest.mark.timeout(240)

@@ -11,7 +11,7 @@ import httpx
 import jwt
 import pytest
 
-from tests.fixtures.server import (module_server, TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, bearer, make_token)
+from tests.fixtures.server import TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, bearer, make_token, module_server
 
 ERROR_FIELDS = {"error_code", "message", "request_id", "timestamp", "details"}
 

@@ -1,7 +1,7 @@
 """JWT roles on a real `sira serve`: a role no JWT may hold, roles SIRA does not know, and the rate
 limit a token with several roles meets on each action.
 
-Which actions make this observable depends on the role table (app/roles.py):
+Which actions make this observable depends on the role table (app/auth/roles.py):
 
 - `fraud_analyst` and `sira_service` grant the same actions (infer, predictions:read), so a token
   holding both may rightly use sira_service's unlimited rate everywhere it can act;

@@ -14,8 +14,7 @@ import httpx
 import pytest
 
 from tests.fixtures.postgres import create_database, drop_database, unique_database_name
-from tests.fixtures.server import (TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, free_port, make_token,
-                                   sira_env)
+from tests.fixtures.server import TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, free_port, make_token, sira_env
 
 FIELDS = {"timestamp", "level", "logger", "message", "service", "pod_id", "process", "pid"}
 PAYLOAD_MARK = "Zq7PayloadMark"  # in payload values only: it must never reach the log

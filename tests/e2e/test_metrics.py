@@ -23,8 +23,7 @@ from prometheus_client.mmap_dict import MmapedDict
 
 from tests.fixtures.metrics import Sample, scrape, total
 from tests.fixtures.postgres import create_database, drop_database, unique_database_name
-from tests.fixtures.server import (REPO, TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, bearer, free_port,
-                                   sira_env)
+from tests.fixtures.server import REPO, TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, bearer, free_port, sira_env
 
 SEED_METRICS = ("sira_inference_requests_total", "sira_inference_latency_seconds", "sira_inference_cache_hits_total",
                 "sira_inference_cache_misses_total", "sira_models_loaded", "sira_prediction_errors_total",

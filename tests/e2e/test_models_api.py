@@ -10,7 +10,7 @@ import httpx
 import psycopg
 import pytest
 
-from tests.fixtures.server import module_server, REPO, TEST_INTERNAL_TOKEN, SiraServer, bearer, run_sira
+from tests.fixtures.server import REPO, TEST_INTERNAL_TOKEN, SiraServer, bearer, module_server, run_sira
 
 DEMO_MODEL = os.path.join(REPO, "workers", "demo", "fraud_score.onnx")
 DEMO_SPEC = os.path.join(REPO, "workers", "demo", "fraud_score.spec.json")

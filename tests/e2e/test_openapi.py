@@ -18,7 +18,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from tests.fixtures.postgres import create_database, drop_database, unique_database_name
-from tests.fixtures.server import (REPO, TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, free_port, sira_env)
+from tests.fixtures.server import REPO, TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, free_port, sira_env
 
 SCHEMATHESIS = os.path.join(os.path.dirname(sys.executable), "schemathesis")
 SCHEMATHESIS_TIMEOUT_S = 300  # a hard bound; a run takes 40-60 s on two busy cores
@@ -46,7 +46,7 @@ include-path = "/v1/models/{{model_id}}"
 include-method = "GET"
 parameters = {{ model_id = "{model_id}" }}
 """
-ROUTES = {  # what app/main.py serves today; the document must describe each
+ROUTES = {  # what app/http/assembly.py serves today; the document must describe each
     "/v1/infer": {"post"}, "/v1/infer/batch": {"post"}, "/v1/infer/{prediction_id}": {"get"},
     "/v1/models": {"get"}, "/v1/models/{model_id}": {"get"}, "/v1/models/{model_id}/promote": {"post"},
     "/v1/canary": {"post"},

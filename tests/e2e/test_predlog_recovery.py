@@ -19,8 +19,17 @@ import psycopg
 import pytest
 
 from tests.fixtures.metrics import scrape, total
-from tests.fixtures.server import (TEST_INTERNAL_TOKEN, TEST_JWT_SECRET, SiraServer, bearer, free_port, is_zombie,
-                                   process_tree, run_sira, sira_env)
+from tests.fixtures.server import (
+    TEST_INTERNAL_TOKEN,
+    TEST_JWT_SECRET,
+    SiraServer,
+    bearer,
+    free_port,
+    is_zombie,
+    process_tree,
+    run_sira,
+    sira_env,
+)
 from tests.fixtures.waiting import wait_for
 from workers.metrics import metrics_dir
 

@@ -8,7 +8,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
-from app.auth_keys import mint_token
+from app.auth.keys import mint_token
 from tests.e2e.test_infer import assert_error, event
 from tests.fixtures.server import bearer, run_sira
 

@@ -2,7 +2,7 @@
 
 The model (tests/fixtures/models.build_hanging_model) runs for hours on any row but its baseline,
 so with one worker every answer after the first proves that the run before it was stopped
-(app/run_deadlines.py) and the worker was free again: a client's `options.timeout_ms` gives 504
+(app/scoring/deadlines.py) and the worker was free again: a client's `options.timeout_ms` gives 504
 INFERENCE_TIMEOUT; a canary's or shadow's budget gives production's answer.
 """
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import httpx
 
-from app.features import FeatureSpec
+from app.scoring.features import FeatureSpec
 from tests.e2e.test_canary_routing import event, publish, rollback_rows, set_canary
 from tests.fixtures.metrics import scrape, total
 from tests.fixtures.models import build_hanging_model, demo_spec

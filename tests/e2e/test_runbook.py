@@ -170,7 +170,7 @@ def known_metrics() -> frozenset[str]:
 @functools.cache
 def database_names() -> frozenset[str]:
     """sira_* names of tables, functions, triggers and channels in the migrations, and the roles."""
-    from app.roles import KNOWN_ROLES
+    from app.auth.roles import KNOWN_ROLES
 
     names = set(KNOWN_ROLES)
     for path in glob.glob(os.path.join(REPO, "migrations", "*.sql")):

@@ -20,7 +20,7 @@ import time
 import httpx
 import pytest
 
-from app.auth_keys import mint_token
+from app.auth.keys import mint_token
 from tests.fixtures.server import SiraServer, free_port, run_sira, sira_env
 
 S1 = "jwt-secret-one-" + secrets.token_hex(20)

@@ -7,9 +7,9 @@ import logging
 import psycopg
 import pytest
 
+from app.store.buckets import LocalModelStore
 from tests.fixtures.server import free_port
 from workers import bootstrap
-from workers.modelstore import LocalModelStore
 
 
 @pytest.fixture

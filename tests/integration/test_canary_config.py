@@ -1,4 +1,4 @@
-"""app/canary_config.py against a real PostgreSQL: checks, started_at, history, rollbacks and stops."""
+"""app/store/canary_config.py against a real PostgreSQL: checks, started_at, history, rollbacks and stops."""
 
 from __future__ import annotations
 
@@ -13,9 +13,13 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from app import canary_config, registry
-from app.canary_config import (CanaryConfigConflict, CanaryModelNotRegistered, CanaryNotConfigured,
-                                   InvalidCanaryValue)
+from app.store import canary_config, registry
+from app.store.canary_config import (
+    CanaryConfigConflict,
+    CanaryModelNotRegistered,
+    CanaryNotConfigured,
+    InvalidCanaryValue,
+)
 
 
 def add_model(conn: psycopg.Connection, product: str = "fraud_score", status: str = "candidate") -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from workers.database import EmbeddedPostgres, open_database
+from workers.postgres import EmbeddedPostgres, open_database
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HOLD_IN_CHILD = """
 import sys
 import psycopg
-from workers.database import EmbeddedPostgres
+from workers.postgres import EmbeddedPostgres
 with EmbeddedPostgres(sys.argv[1], durable=False) as server:
     with open(sys.argv[1] + "/postmaster.pid") as handle:
         print(server.url, handle.readline().strip(), flush=True)

@@ -10,8 +10,8 @@ import subprocess
 import psycopg
 import pytest
 
-from tests.fixtures.server import SIRA, REPO, free_port, run_sira, sira_env
-from workers.modelstore import sha256_of, storage_key
+from app.store.buckets import sha256_of, storage_key
+from tests.fixtures.server import REPO, SIRA, free_port, run_sira, sira_env
 
 pytestmark = pytest.mark.timeout(180)
 

@@ -17,12 +17,12 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from app.store.buckets import LocalModelStore, sha256_of
+from app.store.registry import RegistryModel
 from shm.control import ControlBlock
 from tests.fixtures.models import demo_spec
 from workers.bootstrap import demo_files
 from workers.model_files import ensure_local_copy
-from workers.modelstore import LocalModelStore, sha256_of
-from app.registry import RegistryModel
 from workers.supervisor import ModelSupervisor
 from workers.sync_stats import STATS_FILE
 

@@ -6,15 +6,20 @@ import contextlib
 import hashlib
 import http.server
 import os
-import socket
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 
+from app.store.buckets import (
+    ModelIntegrityError,
+    ModelObjectMissing,
+    ModelStoreAccessDenied,
+    ModelStoreUnavailable,
+    S3ModelStore,
+    storage_key,
+)
 from tests.fixtures.server import free_port
-from workers.modelstore import (ModelIntegrityError, ModelObjectMissing, ModelStoreAccessDenied, ModelStoreError,
-                                ModelStoreUnavailable, S3ModelStore, storage_key)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -143,7 +148,7 @@ class ScriptedHandler(http.server.BaseHTTPRequestHandler):
     def handle_one_request(self):
         try:
             super().handle_one_request()
-        except (ConnectionError, socket.timeout):
+        except (TimeoutError, ConnectionError):
             self.close_connection = True
 
     def do_any(self):

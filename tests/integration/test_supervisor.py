@@ -23,13 +23,13 @@ import psycopg
 import pytest
 from psycopg import conninfo
 
+from app.store.buckets import LocalModelStore, S3ModelStore
 from shm.control import ControlBlock
 from shm.segment import segment_name
 from tests.fixtures.models import build_dense_model, demo_spec, register_file
 from tests.fixtures.server import REPO, free_port, is_zombie, process_tree
 from tests.fixtures.waiting import wait_for
 from workers.bootstrap import demo_files
-from workers.modelstore import LocalModelStore, S3ModelStore
 from workers.supervisor import ModelSupervisor
 from workers.sync_stats import STATS_FILE
 
@@ -350,7 +350,7 @@ def test_s3_unreachable_keeps_serving_and_the_next_sync_catches_up(conn, control
 SUPERVISOR_MAIN = """
 import logging, sys
 logging.basicConfig(level=logging.INFO, format="%(message)s")
-from workers.modelstore import LocalModelStore
+from app.store.buckets import LocalModelStore
 from workers.supervisor import run_supervisor
 store_root, dsn, control, models_dir, stats_path = sys.argv[1:]
 sys.exit(run_supervisor(LocalModelStore(store_root), dsn, control, models_dir, stats_path, 300.0))

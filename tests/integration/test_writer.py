@@ -1,6 +1,6 @@
 """The prediction writer as a real process against a real Postgres: nothing lost, nothing doubled.
 
-The test process plays the HTTP workers (it appends to the rings through ``app.predlog``); the
+The test process plays the HTTP workers (it appends to the rings through ``app.predlog.log``); the
 writer runs as ``python -m workers.writer_process`` and is killed, stopped and restarted like the master
 would. Postgres outages use an embedded server of this module that the tests stop and start.
 """
@@ -23,21 +23,21 @@ import psycopg
 import pytest
 
 from app.ids import id_time_ms, new_prediction_id
-from app.predlog import (
+from app.predlog.files import BatchName, OverflowSpill
+from app.predlog.log import (
     PredictionLog,
     PredictionLogConfig,
     Stat,
     encode_record,
     stat_cells,
 )
-from app.predlog_files import BatchName, OverflowSpill
+from app.predlog.spool import read_batch
 from shm.counters import CounterBlock
 from shm.ring import QueueRings
 from shm.segment import segment_name
 from tests.fixtures.postgres import create_database, drop_database, unique_database_name
-from workers.database import EmbeddedPostgres
 from workers.migrate import apply_migrations
-from workers.spool import read_batch
+from workers.postgres import EmbeddedPostgres
 from workers.writer_process import prediction_log_segments
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,7 +45,7 @@ WAIT_S = 60.0
 
 
 def body(prediction_id: str | None = None, **changes) -> dict:
-    """A response body as app.infer builds it."""
+    """A response body as app.http.infer builds it."""
     answer = {"prediction_id": prediction_id or new_prediction_id(),
               "model_id": "6f1c3f7e-2d1b-4c55-9a47-7d2f0c1e9b10", "model_role": "production",
               "score": 0.25, "decision": "allow",

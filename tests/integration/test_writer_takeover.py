@@ -8,13 +8,21 @@ import os
 
 import orjson
 
-from app.predlog import PredictionLog, Stat, encode_record, slot_cell
-from app.predlog_files import OverflowSpill
-from app.predlog_disk import DiskReason
+from app.predlog.disk import DiskReason
+from app.predlog.files import OverflowSpill
+from app.predlog.log import PredictionLog, Stat, encode_record, slot_cell
 from shm.ring import SLOT_HEADER_SIZE, QueueRings
 from shm.segment import segment_name, segment_path
-from tests.integration.test_writer import (Shared, WriterProcess, body, logged_ids, make_config, row_count,  # noqa: F401
-                                           setup, wait_until)
+from tests.integration.test_writer import (  # noqa: F401
+    Shared,
+    WriterProcess,
+    body,
+    logged_ids,
+    make_config,
+    row_count,
+    setup,
+    wait_until,
+)
 
 
 def damage_first_record(rings: QueueRings, slot: int) -> None:

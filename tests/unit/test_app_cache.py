@@ -1,4 +1,4 @@
-"""app/cache.py on the demo model: canonical keys, value round trip, the explanation rule, lifecycle."""
+"""app/scoring/cache.py on the demo model: canonical keys, value round trip, the explanation rule, lifecycle."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.cache import VALUE_SIZE, PredictionCache, cache_segment_name, shared_cache
 from app.config import ModelFile
-from app.models import ServingModel
+from app.scoring.cache import VALUE_SIZE, PredictionCache, cache_segment_name, shared_cache
+from app.scoring.models import ServingModel
 from shm.cache import ShmCache
 from shm.segment import SegmentError
 

@@ -19,16 +19,16 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.auth import AuthMiddleware, Authenticator, Principal
-from app.auth_keys import KeyRing, mint_token, parse_public_key_setting
-from app.roles import KNOWN_ROLES
+from app.auth.keys import KeyRing, mint_token, parse_public_key_setting
+from app.auth.roles import KNOWN_ROLES
+from app.auth.tokens import Authenticator, AuthMiddleware, Principal
 from app.errors import ApiError, Forbidden, Unauthorized
 
 SECRET = secrets.token_urlsafe(48)
 SECRET_KID = "hs-main"
 INTERNAL = "internal-" + secrets.token_hex(24)
 
-# Written out by hand (not derived from app.roles.PERMISSIONS) so a change to the table shows up here.
+# Written out by hand (not derived from app.auth.roles.PERMISSIONS) so a change to the table shows up here.
 EXPECTED_PERMISSIONS = {
     "infer": {"sira_service", "fraud_analyst"},
     "predictions:read": {"sira_service", "fraud_analyst", "ml_ops"},

@@ -1,6 +1,6 @@
 """Roles a JWT cannot hold, roles SIRA does not know, and which role's rate limit a request spends.
 
-The role table (app/roles.py) matters here: `fraud_analyst` and `sira_service` grant the same two
+The role table (app/auth/roles.py) matters here: `fraud_analyst` and `sira_service` grant the same two
 actions (infer, predictions:read), so mixing them changes nothing; `fraud_analyst` and `ml_ops`
 share only predictions:read, which is what makes "the roles that grant the action" observable.
 """
@@ -15,13 +15,13 @@ import falcon.testing
 import jwt
 import pytest
 
-from app.auth import INTERNAL_PRINCIPAL, Authenticator, AuthMiddleware, Principal
-from app.auth_keys import KeyRing
+from app.auth.keys import KeyRing
+from app.auth.ratelimit import RateLimiter, governing_limit, least_generous
+from app.auth.roles import KNOWN_ROLES, PERMISSIONS, granting_roles
+from app.auth.tokens import INTERNAL_PRINCIPAL, Authenticator, AuthMiddleware, Principal
 from app.errors import ApiError, Forbidden, RateLimitExceeded, Unauthorized
-from app.main import render_error
-from app.ratelimit import RateLimiter, governing_limit, least_generous
-from app.roles import KNOWN_ROLES, PERMISSIONS, granting_roles
-from conf.rate_limits import RateLimit, parse_rate_limits
+from app.http.assembly import render_error
+from conf.ratelimit import RateLimit, parse_rate_limits
 from shm.ratelimit import RateLimitTable
 
 SECRET = "unit-secret-0123456789abcdef-0123456789"

@@ -14,9 +14,9 @@ import falcon.testing
 import pytest
 
 from app.errors import ServiceUnavailable
-from app.infer_batch import shadows_of_kept_events
-from app.models import ModelTable
-from app.requests import parse_infer_request
+from app.http.infer_batch import shadows_of_kept_events
+from app.http.requests import parse_infer_request
+from app.scoring.models import ModelTable
 from tests.fixtures.infer_app import demo_models, infer_client
 
 ERROR_FIELDS = {"error_code", "message", "request_id", "timestamp", "details"}

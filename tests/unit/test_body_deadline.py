@@ -1,4 +1,4 @@
-"""app/body_deadline.py as plain ASGI: a body cut off before its end is a 408, whoever was waiting for it.
+"""app/http/body_deadline.py as plain ASGI: a body cut off before its end is a 408, whoever was waiting for it.
 
 The worker's deadline (workers/http_worker.py) shows up here as `http.disconnect` from receive.
 """
@@ -10,8 +10,8 @@ import asyncio
 import orjson
 import pytest
 
-from app.body_deadline import BodyDeadline
 from app.errors import RequestTimeout
+from app.http.body_deadline import BodyDeadline
 
 HTTP = {"type": "http", "headers": [(b"x-request-id", b"client-7")]}
 DISCONNECT = {"type": "http.disconnect"}

@@ -1,4 +1,4 @@
-"""Canary routing (app/canary_routing.py), the model stats block (shm/model_stats.py) and the
+"""Canary routing (app/scoring/routing.py), the model stats block (shm/model_stats.py) and the
 rollback rules (workers/canary_watch.py), each in one process."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from app.canary_routing import BUCKETS, canary_bucket, goes_to_canary
+from app.scoring.routing import BUCKETS, canary_bucket, goes_to_canary
 from shm.control import ModelSlot, ProductEntry
 from shm.counters import CounterBlock
 from shm.model_stats import (
@@ -29,9 +29,9 @@ SEED = bytes.fromhex("5eed" * 8)
 
 
 def test_the_bucket_is_the_documented_keyed_hash():
-    digest = hashlib.sha256(SEED + "fraud_score\x00evt-42".encode()).digest()
+    digest = hashlib.sha256(SEED + b"fraud_score\x00evt-42").digest()
     assert canary_bucket("fraud_score", "evt-42", SEED) == int.from_bytes(digest[:8], "big") % 10_000
-    unkeyed = hashlib.sha256("fraud_score\x00evt-42".encode()).digest()
+    unkeyed = hashlib.sha256(b"fraud_score\x00evt-42").digest()
     assert canary_bucket("fraud_score", "evt-42") == int.from_bytes(unkeyed[:8], "big") % 10_000
 
 

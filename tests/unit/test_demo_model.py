@@ -9,8 +9,8 @@ import numpy as np
 import onnx
 import pytest
 
-from app.features import load_spec
-from app.scoring import ModelRunner
+from app.scoring.features import load_spec
+from app.scoring.runner import ModelRunner
 from workers.demo import train
 
 MODEL = train.DEMO_DIR / train.MODEL_FILE

@@ -1,4 +1,4 @@
-"""Feature spec validation and the request -> feature-vector rules of app/features.py."""
+"""Feature spec validation and the request -> feature-vector rules of app/scoring/features.py."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from app.errors import FeatureValidationFailed
-from app.features import FeatureSpec, decide, load_spec
+from app.scoring.features import FeatureSpec, decide, load_spec
 
 DEMO_SPEC = Path(__file__).resolve().parents[2] / "workers" / "demo" / "fraud_score.spec.json"
 

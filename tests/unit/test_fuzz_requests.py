@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from app.errors import ApiError
-from app.features import FeatureSpec
-from app.requests import parse_infer_request
+from app.http.requests import parse_infer_request
+from app.scoring.features import FeatureSpec
 from tests.fixtures.infer_app import SPEC, demo_models, infer_client
 
 SOURCES = [feature["source"] for feature in SPEC["features"]]

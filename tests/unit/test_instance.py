@@ -10,8 +10,15 @@ import time
 
 import pytest
 
-from workers.instance import (DataDirInUse, DataDirNotPrivate, check_private, data_dir_key, dead_predecessor_segments,
-                              lock_data_dir, new_instance_id)
+from workers.instance import (
+    DataDirInUse,
+    DataDirNotPrivate,
+    check_private,
+    data_dir_key,
+    dead_predecessor_segments,
+    lock_data_dir,
+    new_instance_id,
+)
 
 
 def in_child(action) -> int:

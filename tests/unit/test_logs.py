@@ -12,8 +12,20 @@ from types import SimpleNamespace
 import pytest
 from gunicorn.config import Config
 
-from conf.logs import (ACCESS_FLUSH_S, MASK, PIPE_BUF, REQUEST_ID, AccessLog, GunicornJsonLogger, JsonFormatter,
-                       ProcessRole, Redactor, access_log_enabled, configure_logging, secret_values)
+from conf.logs import (
+    ACCESS_FLUSH_S,
+    MASK,
+    PIPE_BUF,
+    REQUEST_ID,
+    AccessLog,
+    GunicornJsonLogger,
+    JsonFormatter,
+    ProcessRole,
+    Redactor,
+    access_log_enabled,
+    configure_logging,
+    secret_values,
+)
 from conf.settings import load_settings
 
 SECRET = "a-jwt-secret-of-more-than-32-bytes-0123456789"

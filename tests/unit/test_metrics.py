@@ -1,4 +1,4 @@
-"""app/metrics.py and workers/metrics.py: labels, counting middleware, ops port, multiprocess totals.
+"""app/telemetry/metrics.py and workers/metrics.py: labels, counting middleware, ops port, multiprocess totals.
 
 In this process prometheus_client runs in single-process mode (each test has its own registry);
 the multiprocess behaviour is checked in a child interpreter that forks real processes.
@@ -20,10 +20,18 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from app.errors import FeatureValidationFailed, Unauthorized
-from app.main import render_error
-from app.metrics import (CACHE_TYPE, MODEL_LOAD_ERROR_REASONS, MULTIPROC_ENV, MetricsResource, OpsPortMiddleware,
-                         SiraMetrics, check_value_class, start_worker_metrics)
-from app.request_metrics import UNKNOWN, InferenceMetrics, InferenceMetricsMiddleware
+from app.http.assembly import render_error
+from app.telemetry.metrics import (
+    CACHE_TYPE,
+    MODEL_LOAD_ERROR_REASONS,
+    MULTIPROC_ENV,
+    MetricsResource,
+    OpsPortMiddleware,
+    SiraMetrics,
+    check_value_class,
+    start_worker_metrics,
+)
+from app.telemetry.request_metrics import UNKNOWN, InferenceMetrics, InferenceMetricsMiddleware
 from tests.fixtures.server import REPO
 from workers.instance import data_dir_key
 from workers.metrics import prepare_multiprocess_dir
@@ -160,7 +168,7 @@ def test_prepare_multiprocess_dir_refuses_a_prometheus_client_imported_too_early
 # -- the middleware, through a real Falcon app ----------------------------------------------------
 
 class FakeInfer:
-    """Answers like app.infer.InferResource: names its model, or raises what the request asked for."""
+    """Answers like app.http.infer.InferResource: names its model, or raises what the request asked for."""
 
     async def on_post(self, req, resp):
         body = await req.get_media()
@@ -257,8 +265,8 @@ def test_ops_port_answers_only_ops_paths(client):
 MULTIPROCESS_SCRIPT = textwrap.dedent("""
     import json, os, signal, sys, time
     from types import SimpleNamespace
-    from app.metrics import exposition, process_metrics, set_models_loaded
-    from app.request_metrics import InferenceMetrics
+    from app.telemetry.metrics import exposition, process_metrics, set_models_loaded
+    from app.telemetry.request_metrics import InferenceMetrics
     from workers.metrics import mark_process_dead
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -318,8 +326,8 @@ def test_totals_add_up_over_processes_and_dead_ones_drop_their_gauges(tmp_path):
 
 SAME_AS_PROMETHEUS_SCRIPT = textwrap.dedent("""
     import json, os, sys
-    from app.metrics import LATENCY, REQUESTS, SiraMetrics, exposition
-    from app.request_metrics import HotValueFile, RegistryWriters
+    from app.telemetry.metrics import LATENCY, REQUESTS, SiraMetrics, exposition
+    from app.telemetry.request_metrics import HotValueFile, RegistryWriters
 
     which = sys.argv[1]
     if which == "hot":

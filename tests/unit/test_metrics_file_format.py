@@ -1,4 +1,4 @@
-"""app/request_metrics.py writes prometheus_client's multiprocess files itself (for speed), so it
+"""app/telemetry/request_metrics.py writes prometheus_client's multiprocess files itself (for speed), so it
 depends on a private format; setup.cfg pins prometheus_client's minor version, and these tests fail
 when a new version reads or lays out the files differently."""
 
@@ -11,8 +11,8 @@ import struct
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from app.metrics import LATENCY, REQUESTS
-from app.request_metrics import HotValueFile
+from app.telemetry.metrics import LATENCY, REQUESTS
+from app.telemetry.request_metrics import HotValueFile
 
 LABELS = {"product": "fraud_score", "model_id": "m-1", "model_role": "production", "decision": "allow",
           "status": "200"}

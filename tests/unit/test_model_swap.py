@@ -1,4 +1,4 @@
-"""The worker side of a generation swap (app/model_swap.py) over a real control block and real models."""
+"""The worker side of a generation swap (app/store/swap.py) over a real control block and real models."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import uuid
 import numpy as np
 import pytest
 
-from app.features import FeatureSpec
-from app.model_swap import LiveModelTable
-from app.shared_weights import split_model
+from app.scoring.features import FeatureSpec
+from app.store.shared_weights import split_model
+from app.store.swap import LiveModelTable
 from shm.control import ControlBlock, ModelSlot, ProductEntry
 from tests.fixtures.models import build_dense_model, demo_spec, write_spec
 from workers.bootstrap import demo_files

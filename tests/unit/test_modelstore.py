@@ -10,10 +10,21 @@ import threading
 
 import pytest
 
+from app.store.buckets import (
+    PARTIAL_SUFFIX,
+    LocalModelStore,
+    ModelIntegrityError,
+    ModelObjectMissing,
+    ModelStoreAccessDenied,
+    ModelStoreError,
+    ModelStoreUnavailable,
+    S3ModelStore,
+    check_key,
+    open_model_store,
+    storage_key,
+    write_verified,
+)
 from conf.settings import load_settings
-from workers.modelstore import (PARTIAL_SUFFIX, LocalModelStore, ModelIntegrityError, ModelObjectMissing,
-                                ModelStoreAccessDenied, ModelStoreError, ModelStoreUnavailable, S3ModelStore, check_key,
-                                open_model_store, storage_key, write_verified)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""app/openapi.py and app/openapi_schemas.py: the document validates, lists only real routes, and its payload schema is the server's rule.
+"""app/http/openapi.py and app/http/openapi_schemas.py: the document validates, lists only real routes, and its payload schema is the server's rule.
 
 The payload schema is generated from a model's feature spec; hypothesis builds payloads around the
 demo model's (valid values, bounds, wrong types, nulls, missing fields, extra fields) and each must
@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from openapi_spec_validator import validate
 
 from app.errors import FeatureValidationFailed
-from app.features import load_spec
-from app.openapi import OPERATIONS, app_routes, build_document
-from app.openapi_schemas import error_codes, payload_schema
+from app.http.openapi import OPERATIONS, app_routes, build_document
+from app.http.openapi_schemas import error_codes, payload_schema
+from app.scoring.features import load_spec
 from tests.fixtures.server import REPO
 
 SPEC = load_spec(os.path.join(REPO, "workers", "demo", "fraud_score.spec.json"))

@@ -1,4 +1,4 @@
-"""The worker side of the prediction log (app/predlog.py), ring search, counters and slots, one process."""
+"""The worker side of the prediction log (app/predlog/log.py), ring search, counters and slots, one process."""
 
 from __future__ import annotations
 
@@ -13,9 +13,18 @@ import orjson
 import pytest
 
 from app.errors import ServiceUnavailable
+from app.http.lookup import canonical_prediction_id, prediction_json
 from app.ids import new_prediction_id
-from app.predictions import canonical_prediction_id, prediction_json
-from app.predlog import (
+from app.predlog.disk import DiskReason
+from app.predlog.files import (
+    OverflowName,
+    OverflowSpill,
+    decode_frames,
+    decode_overflow,
+    encode_frames,
+    find_framed_record,
+)
+from app.predlog.log import (
     OVERFLOW_DIR,
     PredictionLog,
     PredictionLogConfig,
@@ -25,15 +34,6 @@ from app.predlog import (
     record_prefix,
     slot_cell,
     stat_cells,
-)
-from app.predlog_disk import DiskReason
-from app.predlog_files import (
-    OverflowName,
-    OverflowSpill,
-    decode_frames,
-    decode_overflow,
-    encode_frames,
-    find_framed_record,
 )
 from shm.counters import CounterBlock
 from shm.ring import QueueRings
@@ -177,7 +177,7 @@ def test_a_full_ring_spills_to_an_overflow_file_counted_and_sealed_when_room_ret
 
 
 def test_spill_files_rotate_after_their_record_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr("app.predlog_files.OVERFLOW_FILE_RECORDS", 10)
+    monkeypatch.setattr("app.predlog.files.OVERFLOW_FILE_RECORDS", 10)
     spill = OverflowSpill(str(tmp_path), "inst", 0, 3)
     for _ in range(25):
         spill.write(encode_record(body(), "e", "p", None, time.time()))
@@ -198,7 +198,7 @@ def test_when_the_ring_and_the_disk_both_refuse_the_request_fails(tmp_path, segm
 
 
 def test_an_idle_spill_is_sealed_by_a_timer(tmp_path, segments, monkeypatch):
-    for module in ("app.predlog", "app.predlog_files"):
+    for module in ("app.predlog.log", "app.predlog.files"):
         monkeypatch.setattr(f"{module}.OVERFLOW_FILE_MAX_AGE_S", 0.05)
     rings, stats = segments(slots=1, ring_bytes=4096)
     log = make_log(tmp_path, rings, stats)
@@ -235,7 +235,7 @@ def test_find_unwritten_looks_in_every_ring_and_in_the_spill_files(tmp_path, seg
 
 
 def test_an_id_that_is_not_v7_is_never_looked_for_on_disk(tmp_path, segments, monkeypatch):
-    """Its time is unknown, so no file can be chosen: the rings, then Postgres (app/predlog.py)."""
+    """Its time is unknown, so no file can be chosen: the rings, then Postgres (app/predlog/log.py)."""
     rings, stats = segments(slots=1, ring_bytes=256)
     log = make_log(tmp_path, rings, stats)
     old = body(prediction_id=str(uuid.uuid4()))
@@ -347,7 +347,7 @@ def test_a_worker_beyond_the_slots_is_refused_and_the_count_lowered():
 def test_the_collector_reads_the_counter_block_and_the_rings(tmp_path, segments):
     from prometheus_client import CollectorRegistry
 
-    from app.predlog_metrics import PredictionLogCollector
+    from app.predlog.metrics import PredictionLogCollector
 
     rings, stats = segments(slots=2, ring_bytes=4096)
     log = make_log(tmp_path, rings, stats, slot=1)

@@ -11,12 +11,12 @@ import zlib
 import pytest
 
 from app.errors import ServiceUnavailable
-from app.predlog import PredictionLog, PredictionLogConfig, SlotStat, slot_cell
-from app.predlog_disk import OVERFLOW_FILE_MAX_BYTES, DiskReason, DiskTrouble, LogFull, bytes_under, reason_of
-from app.predlog_files import OVERFLOW_MAGIC, OverflowRecords, OverflowSpill, decode_overflow, find_framed_record
+from app.predlog.disk import OVERFLOW_FILE_MAX_BYTES, DiskReason, DiskTrouble, LogFull, bytes_under, reason_of
+from app.predlog.files import OVERFLOW_MAGIC, OverflowRecords, OverflowSpill, decode_overflow, find_framed_record
+from app.predlog.handoff import HandoffError, decode_object
+from app.predlog.log import PredictionLog, PredictionLogConfig, SlotStat, slot_cell
+from app.predlog.spool import BatchSpool
 from tests.unit.test_predlog import body, segments  # noqa: F401 (a fixture)
-from workers.spool_handoff import HandoffError, decode_object
-from workers.spool import BatchSpool
 
 
 def test_reasons_of_the_errors_that_matter():

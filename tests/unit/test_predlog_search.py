@@ -7,10 +7,9 @@ import uuid
 
 import pytest
 
-import app.predlog_files as predlog_files
+import app.predlog.files as predlog_files
 from app.ids import id_time_ms, new_prediction_id
-from app.predlog import record_prefix
-from app.predlog_files import (
+from app.predlog.files import (
     ID_TIME_SLACK_MS,
     NO_V7_SPAN,
     OVERFLOW_FILE_MAX_AGE_S,
@@ -21,7 +20,8 @@ from app.predlog_files import (
     overflow_may_hold,
     search_files,
 )
-from workers.spool import BatchSpool, _sequence_of, id_time_span
+from app.predlog.log import record_prefix
+from app.predlog.spool import BatchSpool, _sequence_of, id_time_span
 
 T0 = 1_800_000_000_000  # unix ms of the ids made here
 

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from app.roles import INTERNAL_ROLE, KNOWN_ROLES
-from conf.rate_limits import (ANONYMOUS, DEFAULT_LIMITS, EXTERNAL_ROLES, INTERNAL_ROLES, ROLES, RateLimit,
-                              parse_rate_limits)
+from app.auth.roles import INTERNAL_ROLE, KNOWN_ROLES
+from conf.ratelimit import (
+    ANONYMOUS,
+    DEFAULT_LIMITS,
+    EXTERNAL_ROLES,
+    INTERNAL_ROLES,
+    ROLES,
+    RateLimit,
+    parse_rate_limits,
+)
 from conf.settings import ConfigError, load_settings
 
 

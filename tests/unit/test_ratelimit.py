@@ -9,12 +9,12 @@ import falcon.asgi
 import falcon.testing
 import pytest
 
-from app.auth import INTERNAL_PRINCIPAL, AuthMiddleware, Authenticator, Principal
-from app.auth_keys import KeyRing, mint_token
+from app.auth.keys import KeyRing, mint_token
+from app.auth.ratelimit import RateLimiter, most_generous, retry_after_s
+from app.auth.tokens import INTERNAL_PRINCIPAL, Authenticator, AuthMiddleware, Principal
 from app.errors import ApiError, RateLimitExceeded
-from app.main import render_error
-from app.ratelimit import RateLimiter, most_generous, retry_after_s
-from conf.rate_limits import RateLimit, parse_rate_limits
+from app.http.assembly import render_error
+from conf.ratelimit import RateLimit, parse_rate_limits
 from shm.ratelimit import RateLimitTable
 
 S = 1_000_000_000

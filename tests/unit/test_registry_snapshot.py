@@ -8,12 +8,12 @@ import logging
 
 import pytest
 
-from app.canary_config import CanaryConfig
-from app.registry import RegistryModel
+from app.store.canary_config import CanaryConfig
+from app.store.registry import RegistryModel
 from workers.registry_queries import CanaryToServe
 from workers.registry_snapshot import RegistrySnapshot, read_snapshot, snapshot_of, write_snapshot
 
-NOW = datetime.datetime(2026, 11, 25, 14, 30, tzinfo=datetime.timezone.utc)
+NOW = datetime.datetime(2026, 11, 25, 14, 30, tzinfo=datetime.UTC)
 
 
 def model(product: str = "fraud_score", status: str = "production", model_id: str = "m-1") -> RegistryModel:

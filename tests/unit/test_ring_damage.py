@@ -7,8 +7,16 @@ import zlib
 
 import pytest
 
-from shm.ring import (READ_POS, RECORDS_WRITTEN, SLOT_HEADER_SIZE, WRITE_POS, QueueRings,
-                      RingCorrupt, RingReader, record_size)
+from shm.ring import (
+    READ_POS,
+    RECORDS_WRITTEN,
+    SLOT_HEADER_SIZE,
+    WRITE_POS,
+    QueueRings,
+    RingCorrupt,
+    RingReader,
+    record_size,
+)
 from tests.unit.test_shm_ring import drain, rings_factory
 
 

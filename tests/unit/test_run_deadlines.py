@@ -1,4 +1,4 @@
-"""app/run_deadlines.py on a model that never finishes by itself: only the watchdog's stop returns it."""
+"""app/scoring/deadlines.py on a model that never finishes by itself: only the watchdog's stop returns it."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import time
 import numpy as np
 import pytest
 
-from app.features import FeatureSpec
-from app.infer_runs import RunStopped, run_model, run_model_rows
-from app.run_deadlines import RunWatchdog
-from app.scoring import ModelRunner
+from app.scoring.deadlines import RunWatchdog
+from app.scoring.features import FeatureSpec
+from app.scoring.runner import ModelRunner
+from app.scoring.runs import RunStopped, run_model, run_model_rows
 from tests.fixtures.models import build_dense_model, build_hanging_model, demo_spec
 
 SPEC = FeatureSpec.from_dict(demo_spec())

@@ -1,4 +1,4 @@
-"""The ONNX scorer of app/scoring.py on the committed demo model."""
+"""The ONNX scorer of app/scoring/runner.py on the committed demo model."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from app.features import FeatureSpec, decide
-from app.scoring import ModelLoadError, ModelRunner, ModelSpecMismatch, logit, make_session_options
+from app.scoring.features import FeatureSpec, decide
+from app.scoring.runner import ModelLoadError, ModelRunner, ModelSpecMismatch, logit, make_session_options
 from workers.demo.train import generate_transactions
 
 DEMO = Path(__file__).resolve().parents[2] / "workers" / "demo"

@@ -13,8 +13,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from app.auth import Authenticator
-from app.auth_keys import KeyRing, mint_token
+from app.auth.keys import KeyRing, mint_token
+from app.auth.tokens import Authenticator
 from app.errors import Unauthorized
 from conf.logs import MASK, configure_logging, mask_secrets, secret_values
 from conf.secret_files import parse_jwt_secrets, parse_service_tokens, read_secret_file

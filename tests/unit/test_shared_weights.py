@@ -1,4 +1,4 @@
-"""The shared form of a model (app/shared_weights.py): split by protobuf wire format, opened over a map."""
+"""The shared form of a model (app/store/shared_weights.py): split by protobuf wire format, opened over a map."""
 
 from __future__ import annotations
 
@@ -10,10 +10,18 @@ import struct
 import numpy as np
 import pytest
 
-from app.features import FeatureSpec
-from app.scoring import ModelLoadError, ModelRunner
-from app.shared_weights import (PAGE, WEIGHTS_MAGIC, MappedWeights, SharedFormError, graph_path_for,
-                                is_shared_form, split_model, weights_path_for)
+from app.scoring.features import FeatureSpec
+from app.scoring.runner import ModelLoadError, ModelRunner
+from app.store.shared_weights import (
+    PAGE,
+    WEIGHTS_MAGIC,
+    MappedWeights,
+    SharedFormError,
+    graph_path_for,
+    is_shared_form,
+    split_model,
+    weights_path_for,
+)
 from tests.fixtures.models import build_dense_model, demo_spec
 from workers.bootstrap import demo_files
 

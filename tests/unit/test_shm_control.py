@@ -9,8 +9,15 @@ import zlib
 
 import pytest
 
-from shm.control import (GENERATION_AREA, LAYOUT_VERSION, ControlBlock, ControlCorrupt,
-                         ModelSlot, ProductEntry, buffer_stride)
+from shm.control import (
+    GENERATION_AREA,
+    LAYOUT_VERSION,
+    ControlBlock,
+    ControlCorrupt,
+    ModelSlot,
+    ProductEntry,
+    buffer_stride,
+)
 from shm.segment import Segment, SegmentError
 
 BUFFER_HEADER = struct.Struct("<QII")

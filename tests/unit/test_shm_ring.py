@@ -7,12 +7,21 @@ import os
 import random
 import struct
 import zlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
-from shm.ring import (MAGIC, READ_POS, SLOT_HEADER_SIZE, WRITE_POS, QueueRings, RingCorrupt,
-                      RingReader, RingWriter, record_size)
+from shm.ring import (
+    MAGIC,
+    READ_POS,
+    SLOT_HEADER_SIZE,
+    WRITE_POS,
+    QueueRings,
+    RingCorrupt,
+    RingReader,
+    RingWriter,
+    record_size,
+)
 from shm.segment import Segment, SegmentError
 
 

@@ -1,4 +1,4 @@
-"""The writer's spool and its view of the workers' overflow files (workers/spool.py), one process."""
+"""The writer's spool and its view of the workers' overflow files (app/predlog/spool.py), one process."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from app.predlog_files import OverflowName, encode_frames
-from workers.spool import (
+from app.predlog.files import OverflowName, encode_frames
+from app.predlog.spool import (
     BATCH_SUFFIX,
     CORRUPT_DIR,
     BatchSpool,
@@ -109,7 +109,7 @@ def test_overflow_files_are_ready_when_sealed_or_when_their_worker_is_gone(tmp_p
 
 def test_an_overflow_file_with_a_torn_tail_gives_its_complete_records(tmp_path, caplog):
     folder = tmp_path / "overflow"
-    files = OverflowFiles(str(folder), "inst", producer_epoch=lambda slot: 1)
+    files = OverflowFiles(str(folder), "inst", producer_epoch=lambda slot: 1, pid_alive=lambda pid: True)
     path = overflow_file(folder, OverflowName("inst", 0, 1, 1, 1, True), batch("a", 4), tail=b"\x40\x00\x00\x00{")
     with caplog.at_level(logging.WARNING, logger="sira.spool"):
         item = files.read(path)

@@ -1,4 +1,4 @@
-"""app/tracing.py: the on/off switch, nothing installed when off, and the spans of a traced request.
+"""app/telemetry/tracing.py: the on/off switch, nothing installed when off, and the spans of a traced request.
 
 In-process (falcon.testing) with the SDK's InMemorySpanExporter; tests/e2e/test_tracing.py sends the
 spans of a real `sira serve` over OTLP/HTTP.
@@ -18,12 +18,12 @@ from pathlib import Path
 import falcon.testing
 import pytest
 
-from app import main as app_main
-from app.auth import Authenticator
-from app.auth_keys import KeyRing
-from app.cache import cache_segment_name, shared_cache
+from app.auth.keys import KeyRing
+from app.auth.tokens import Authenticator
 from app.config import AppConfig, ModelFile
-from app.tracing import Tracing, TracedAuth, TracedCache, open_tracing, tracing_requested
+from app.http import assembly as app_main
+from app.scoring.cache import cache_segment_name, shared_cache
+from app.telemetry.tracing import TracedAuth, TracedCache, Tracing, open_tracing, tracing_requested
 from tests.fixtures.server import REPO, TEST_JWT_SECRET, bearer
 
 DEMO = Path(REPO) / "workers" / "demo"
@@ -72,7 +72,7 @@ def test_sira_serve_exits_2_on_an_unusable_traces_exporter(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SIRA_", "OTEL_", "DATABASE_URL"))}
     env.update(PYTHONPATH=REPO, OTEL_TRACES_EXPORTER="jaeger", SIRA_DATA_DIR=str(tmp_path),
                DATABASE_URL="postgresql://nobody@127.0.0.1:1/none", JWT_SECRET=TEST_JWT_SECRET)
-    code = ("import sys; from workers.cli import main; from app.tracing import tracing_from_environment\n"
+    code = ("import sys; from workers.cli import main; from app.telemetry.tracing import tracing_from_environment\n"
             "from conf.settings import ConfigError\n"
             "try:\n    tracing_from_environment()\nexcept ConfigError as e:\n    print(e); sys.exit(2)\n")
     done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True,
@@ -176,7 +176,7 @@ def test_off_the_sdk_is_never_imported():
 import sys, falcon.testing
 from tests.unit.test_tracing import app_config, EVENT
 from tests.fixtures.server import bearer
-from app.main import create_app
+from app.http.assembly import create_app
 client = falcon.testing.TestClient(create_app(app_config(False, None)))
 headers = {{**bearer(), "traceparent": "00-{TRACE_ID}-{PARENT_ID}-01"}}
 assert client.simulate_post("/v1/infer", json=EVENT, headers=headers).status_code == 200

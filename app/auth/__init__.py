@@ -1,0 +1,1 @@
+"""Who may call: bearer tokens, keys, roles, and the per-role rate limits."""

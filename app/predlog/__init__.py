@@ -1,0 +1,1 @@
+"""The prediction log: records in the rings, overflow and spool files, the Postgres sink, the handoff."""
