@@ -1,10 +1,10 @@
-# Two commands on a fresh machine: `make run` serves on the embedded defaults, `make test` runs the tests.
+# Two commands on a fresh machine: `make run` serves on the embedded defaults, `make test` lints, then runs the tests.
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv run test bench clean
+.PHONY: venv run lint test bench clean
 
 venv: $(STAMP)
 
@@ -18,7 +18,10 @@ $(STAMP): setup.cfg pyproject.toml
 run: venv
 	$(VENV)/bin/sira serve
 
-test: venv
+lint: venv
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 BENCH_ARGS ?=

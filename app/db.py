@@ -1,4 +1,9 @@
-"""The worker's async Postgres pool, opened on first use inside the worker's own event loop.
+"""Connections to Postgres: ``connect`` and ``connect_async`` for every process, and the worker's pool.
+
+Every connection SIRA makes is made here, named ``sira-<role>`` in ``pg_stat_activity`` (its
+``application_name``) so that an operator sees which process holds it, and with a connect timeout.
+
+The worker's async pool is opened on first use inside the worker's own event loop.
 
 Never before the fork: a pool's connections and its background tasks belong to one process and
 one loop, so the master only hands the DSN down and each worker opens its pool when a request
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import AsyncIterator
 
 import psycopg
@@ -23,6 +29,24 @@ log = logging.getLogger("sira.db")
 POOL_MAX_SIZE = 4  # admin and canary endpoints only: the scoring path never waits on Postgres
 CONNECT_TIMEOUT_S = 5
 ACQUIRE_TIMEOUT_S = 5.0
+
+
+def connection_options(role: str, connect_timeout_s: float = CONNECT_TIMEOUT_S) -> dict:
+    """The keyword arguments of every connection: its name, and libpq's whole-second connect timeout."""
+    return {"application_name": f"sira-{role}", "connect_timeout": max(1, math.ceil(connect_timeout_s))}
+
+
+def connect(dsn: str, role: str, *, autocommit: bool = True,
+            connect_timeout_s: float = CONNECT_TIMEOUT_S) -> psycopg.Connection:
+    """A connection for one job of a process (``role``: migrate, supervisor, cli...)."""
+    return psycopg.connect(dsn, autocommit=autocommit, **connection_options(role, connect_timeout_s))
+
+
+async def connect_async(dsn: str, role: str, *, autocommit: bool = True,
+                        connect_timeout_s: float = CONNECT_TIMEOUT_S) -> psycopg.AsyncConnection:
+    """``connect``, for an event loop."""
+    return await psycopg.AsyncConnection.connect(dsn, autocommit=autocommit,
+                                                 **connection_options(role, connect_timeout_s))
 
 
 class Database:
@@ -49,7 +73,7 @@ class Database:
             if self._pool is None:
                 pool = AsyncConnectionPool(
                     self.dsn, open=False, min_size=1, max_size=self.max_size, timeout=self.acquire_timeout_s,
-                    kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "sira-worker"},
+                    kwargs=connection_options("worker"),
                     check=AsyncConnectionPool.check_connection, name="sira-worker", num_workers=1)
                 await pool.open(wait=False)
                 self._pool = pool

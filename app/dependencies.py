@@ -20,8 +20,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
+
+from app.telemetry.metrics import set_dependency_up
+from conf.datadir import write_atomically
 
 log = logging.getLogger("sira.dependencies")
 
@@ -93,19 +95,14 @@ class DependencyBoard:
 
     def _set_gauge(self, name: str, up: bool) -> None:
         if self.publish_gauges:
-            from app.telemetry.metrics import set_dependency_up
-
             set_dependency_up(name, up)
 
     def _write(self) -> None:
         if self.path is None:
             return
         body = {name: dataclasses.asdict(state) for name, state in sorted(self.states.items())}
-        tmp_path = f"{self.path}.tmp-{os.getpid()}"
         try:
-            with open(tmp_path, "w", encoding="utf-8") as handle:
-                json.dump(body, handle, sort_keys=True)
-            os.replace(tmp_path, self.path)  # readers see the old or the new file; no fsync: it is live state
+            write_atomically(self.path, json.dumps(body, sort_keys=True))  # readers see the old or the new file
         except OSError as exc:
             log.warning("cannot write %s: %s", self.path, exc)
 

@@ -52,6 +52,12 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
+def median_p99(samples: list[float]) -> str:
+    """'median / p99', two decimals each."""
+    median, p99 = percentiles(samples)
+    return f"{median:.2f} / {p99:.2f}"
+
+
 class UniqueEvents:
     """Payment events whose feature rows never repeat (a counter in amount_avg_30d)."""
 
@@ -222,7 +228,7 @@ def run_in_process(args: argparse.Namespace) -> None:
     stores = list(results)
     print(f"{'operation':<30}" + "".join(f"{s + ' med/p99 us':>26}" for s in stores))
     for operation in results[stores[0]]:
-        cells = "".join(f"{'%.2f / %.2f' % percentiles(results[s][operation]):>26}" for s in stores)
+        cells = "".join(f"{median_p99(results[s][operation]):>26}" for s in stores)
         print(f"{operation:<30}{cells}")
 
 

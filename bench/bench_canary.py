@@ -32,8 +32,10 @@ def main() -> None:
             rows.append(("stats: find the entry", mean_ns(lambda: writer.counters(model_id, "production"),
                                                           args.iterations)))
             counters = writer.counters(model_id, "production")
-            rows.append(("stats: answered, timed", mean_ns(lambda: counters.answered(0.00031, "allow"), args.iterations)))
-            rows.append(("stats: answered, cache hit", mean_ns(lambda: counters.answered(None, "allow"), args.iterations)))
+            rows.append(("stats: answered, timed",
+                         mean_ns(lambda: counters.answered(0.00031, "allow"), args.iterations)))
+            rows.append(("stats: answered, cache hit",
+                         mean_ns(lambda: counters.answered(None, "allow"), args.iterations)))
             rows.append(("stats: failed", mean_ns(counters.failed, args.iterations)))
             writer.close()
         finally:

@@ -130,8 +130,9 @@ def main() -> None:
               f"  (median of {args.runs})")
         for label, prediction_id, found in cases:
             prefix, id_ms = record_prefix(prediction_id), id_time_ms(prediction_id)
-            full = median_ms(lambda: full_scan(directories, prefix), args.runs, found)
-            bounded = median_ms(lambda: search_files(directories, prefix, id_ms), args.runs, found)
+            full = median_ms(lambda prefix=prefix: full_scan(directories, prefix), args.runs, found)
+            bounded = median_ms(lambda prefix=prefix, id_ms=id_ms: search_files(directories, prefix, id_ms),
+                                args.runs, found)
             chosen = sum(len(files_that_may_hold(directory, id_ms)) for directory in directories)
             print(f"{label:<14}{full:>14.2f}{bounded:>12.3f}{full / bounded:>8.0f}x{chosen:>12}")
     finally:

@@ -69,6 +69,16 @@ def request_scope(headers: dict[str, str], body: bytes) -> dict:
             "root_path": "", "headers": raw, "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 8080)}
 
 
+def receive_once(body: bytes):
+    """An ASGI ``receive`` that gives ``body`` in one message, then a disconnect."""
+    messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def receive():
+        return messages.pop() if messages else {"type": "http.disconnect"}
+
+    return receive
+
+
 async def timed_requests(app, count: int, first_amount: int, headers: dict[str, str]) -> list[int]:
     """Nanoseconds of each of ``count`` requests, each with a new amount (a cache miss)."""
     samples, clock = [], time.perf_counter_ns
@@ -82,11 +92,7 @@ async def timed_requests(app, count: int, first_amount: int, headers: dict[str, 
         body = orjson.dumps({"event_id": f"evt-{i}", "product": "fraud_score",
                              "payload": {"amount": first_amount + i, "currency": "USD", "country": "US",
                                          "payment_method": "card", "features": {"hour_of_day": 14}}})
-        messages = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def receive():
-            return messages.pop() if messages else {"type": "http.disconnect"}
-
+        receive = receive_once(body)
         start = clock()
         await app(request_scope(headers, body), receive, send)
         samples.append(clock() - start)

@@ -1,5 +1,1 @@
-"""Settings from environment variables (see conf/settings.py for the table)."""
-
-from conf.settings import ConfigError, Settings, load_settings
-
-__all__ = ["ConfigError", "Settings", "load_settings"]
+"""Settings from environment variables (conf/settings.py has the table), the data dir, logs, secrets, TLS."""

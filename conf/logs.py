@@ -34,6 +34,8 @@ import orjson
 from gunicorn import glogging
 
 from conf.redact import redact_text, secrets_in
+from conf.secret_files import file_secret_values
+from conf.settings import SETTINGS
 
 SERVICE = "sira-inference"
 MASK = "****"
@@ -75,6 +77,12 @@ class ProcessRole:
 
 
 PROCESS_ROLE = ProcessRole()
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception for one log line or the dependency board: its type and the first line of its text."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def set_process_role(name: str) -> None:
@@ -291,8 +299,6 @@ def secret_values(settings) -> list[str]:
     A URL's credentials are taken wherever they sit (userinfo, query, as written and decoded), and
     from every setting: a line may show the password alone, outside the URL it came from.
     """
-    from conf.settings import SETTINGS
-
     values = []
     for setting in SETTINGS:
         value = getattr(settings, setting.attr, None)
@@ -300,8 +306,6 @@ def secret_values(settings) -> list[str]:
             if setting.secret:
                 values.append(value)
             values.extend(secrets_in(value))  # DATABASE_URL's password, S3_ENDPOINT_URL's token...
-    from conf.secret_files import file_secret_values
-
     values.extend(file_secret_values(settings))  # JWT_SECRET_FILE, INTERNAL_SERVICE_TOKEN_FILE
     url = getattr(settings, "database_url", None)
     if url:

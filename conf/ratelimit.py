@@ -6,8 +6,8 @@ default:
 
 | role | default | why |
 |---|---|---|
-| ``fraud_analyst``, ``ml_ops``, ``pay_admin`` | 100/minute | people and external tools: the inference-service seed's "100 requests/minute per API key" |
-| ``sira_service``, ``internal_service`` (the internal service token) | unlimited | the platform's own callers, sized by capacity, not by quota |
+| ``fraud_analyst``, ``ml_ops``, ``pay_admin`` | 100/minute | people and tools (the seed's per API key) |
+| ``sira_service``, ``internal_service`` (internal token) | unlimited | the platform's callers: capacity, not quota |
 | ``anonymous`` | 100/minute | requests that fail authentication, per client address |
 
 N is a whole number from 1 to 1,000,000,000; the period is a whole second, minute or hour. A limit

@@ -31,6 +31,8 @@ import os
 import re
 import stat
 
+from conf.secrets import jwt_secret_or_generate
+
 MAX_FILE_BYTES = 64 * 1024
 FORBIDDEN_MODE_BITS = 0o026  # group write, other read, other write
 MIN_JWT_SECRET_BYTES = 32
@@ -162,8 +164,6 @@ def load_jwt_secrets(settings) -> tuple[dict[str, str], str]:
     """The HS256 secrets now in force and the signing kid: JWT_SECRET_FILE, JWT_SECRET, or the generated one."""
     if settings.jwt_secret_file:
         return read_jwt_secrets(settings.jwt_secret_file, settings.jwt_secret_kid)
-    from conf.secrets import jwt_secret_or_generate
-
     return {settings.jwt_secret_kid: jwt_secret_or_generate(settings.jwt_secret, settings.data_dir)}, \
         settings.jwt_secret_kid
 

@@ -59,87 +59,125 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("SIRA_DATA_DIR", "./var", parse_nonempty,
-            "Folder for the embedded Postgres, the local model store, model files, pid files and the generated JWT secret."),
+            "Folder for the embedded Postgres, the local model store, model files, pid files and the generated JWT "
+            "secret."),
     Setting("SIRA_BIND", "127.0.0.1:8080", parse_bind, "HOST:PORT the HTTP workers listen on."),
-    Setting("SIRA_WORKERS", None, parse_bounded_int(1, 256), "Number of HTTP worker processes (default: number of cores)."),
+    Setting("SIRA_WORKERS", None, parse_bounded_int(1, 256),
+            "Number of HTTP worker processes (default: number of cores)."),
     Setting("DATABASE_URL", None, parse_database_url,
             "PostgreSQL URL. Unset: an embedded PostgreSQL under $SIRA_DATA_DIR/pg, started and stopped by sira.",
             secret=True),
     Setting("JWT_SECRET", None, parse_min_length(32),
-            "HS256 secret for client tokens (at least 32 bytes). Unset: generated once and kept in $SIRA_DATA_DIR/jwt_secret (with a warning).",
+            "HS256 secret for client tokens (at least 32 bytes). Unset: generated once and kept in "
+            "$SIRA_DATA_DIR/jwt_secret (with a warning).",
             secret=True),
     Setting("JWT_SECRET_FILE", None, parse_nonempty,
-            "File holding the HS256 secret, or a JSON object of KID -> SECRET to rotate by kid (instead of JWT_SECRET; re-read on SIGHUP; mode 0400 or 0440). See Secrets from files."),
-    Setting("JWT_SECRET_KID", "default", parse_kid, "Key id of JWT_SECRET (or of a one-secret JWT_SECRET_FILE); tokens without a kid use it."),
+            "File holding the HS256 secret, or a JSON object of KID -> SECRET to rotate by kid (instead of "
+            "JWT_SECRET; re-read on SIGHUP; mode 0400 or 0440). See Secrets from files."),
+    Setting("JWT_SECRET_KID", "default", parse_kid,
+            "Key id of JWT_SECRET (or of a one-secret JWT_SECRET_FILE); tokens without a kid use it."),
     Setting("JWT_PUBLIC_KEYS", "", parse_public_keys,
-            "Extra verification keys as KID=PEM_PATH[,KID=PEM_PATH...] (RS256 for RSA, ES256 for P-256); tokens pick one by kid."),
+            "Extra verification keys as KID=PEM_PATH[,KID=PEM_PATH...] (RS256 for RSA, ES256 for P-256); tokens pick"
+            " one by kid."),
     Setting("JWT_ISSUER", None, parse_nonempty, "Required `iss` claim (unset: not checked)."),
     Setting("JWT_AUDIENCE", None, parse_nonempty, "Required `aud` claim (unset: not checked)."),
     Setting("INTERNAL_SERVICE_TOKEN", None, parse_min_length(16),
             "Opaque token for internal callers; it may call every endpoint. Unset: disabled.", secret=True),
     Setting("INTERNAL_SERVICE_TOKEN_FILE", None, parse_nonempty,
-            "File of internal service tokens, one per line, all accepted (instead of INTERNAL_SERVICE_TOKEN; re-read on SIGHUP; mode 0400 or 0440)."),
+            "File of internal service tokens, one per line, all accepted (instead of INTERNAL_SERVICE_TOKEN; re-read"
+            " on SIGHUP; mode 0400 or 0440)."),
     Setting("DATABASE_URL_FILE", None, parse_nonempty,
             "File holding DATABASE_URL (instead of it; read at start; mode 0400 or 0440)."),
-    Setting("MODEL_BUCKET", None, parse_bucket, "S3 bucket of the model store. Unset: a local folder store in $SIRA_DATA_DIR/store."),
-    Setting("S3_ENDPOINT_URL", None, parse_http_url, "S3 endpoint for MinIO and other S3-compatible stores (unset: AWS)."),
-    Setting("CACHE_MAX_ITEMS", "5000", parse_bounded_int(0, 10_000_000), "Capacity of the shared prediction cache (0 disables it)."),
+    Setting("MODEL_BUCKET", None, parse_bucket,
+            "S3 bucket of the model store. Unset: a local folder store in $SIRA_DATA_DIR/store."),
+    Setting("S3_ENDPOINT_URL", None, parse_http_url,
+            "S3 endpoint for MinIO and other S3-compatible stores (unset: AWS)."),
+    Setting("CACHE_MAX_ITEMS",
+            "5000", parse_bounded_int(0, 10_000_000), "Capacity of the shared prediction cache (0 disables it)."),
     Setting("CACHE_TTL_MS", "300000", parse_positive_int, "Time to live of a cached prediction, in milliseconds."),
     Setting("MODEL_POLL_INTERVAL_S", "30", parse_positive_float, "Seconds between two syncs of the model registry."),
     Setting("LOG_LEVEL", "info", parse_log_level, "debug, info, warning, error or critical."),
     Setting("SIRA_ACCESS_LOG", "off", parse_switch,
             "on: one JSON access log line per HTTP request (written after the response is sent)."),
     Setting("METRICS_BIND", None, parse_bind,
-            "Optional HOST:PORT of an ops port that serves only /metrics, /healthz and /readyz (no token: restrict it to the scraper). /metrics is on SIRA_BIND too unless SIRA_METRICS_ON_MAIN_PORT is off."),
+            "Optional HOST:PORT of an ops port that serves only /metrics, /healthz and /readyz (no token: restrict "
+            "it to the scraper). /metrics is on SIRA_BIND too unless SIRA_METRICS_ON_MAIN_PORT is off."),
     Setting("SIRA_METRICS_ON_MAIN_PORT", "on", parse_switch,
-            "on: GET /metrics answers on SIRA_BIND too, without a token (one port is all `make run` needs); off: only on METRICS_BIND's port, 404 NOT_FOUND on SIRA_BIND (the shipped Kubernetes config: every client reaches SIRA_BIND, and a scrape costs the answering worker a merge of every metrics file). Off without METRICS_BIND: /metrics is served nowhere."),
+            "on: GET /metrics answers on SIRA_BIND too, without a token (one port is all `make run` needs); off: "
+            "only on METRICS_BIND's port, 404 NOT_FOUND on SIRA_BIND (the shipped Kubernetes config: every client "
+            "reaches SIRA_BIND, and a scrape costs the answering worker a merge of every metrics file). Off without "
+            "METRICS_BIND: /metrics is served nowhere."),
     Setting("SIRA_OPENAPI_FEATURE_SPECS", "off", parse_switch,
-            "on: /openapi.json shows every served product's payload schema (feature names, bounds, categories) to anyone; off: only to a request with a valid token (any role), and without one a generic payload. A fraud model's inputs are what a fraudster wants to learn."),
+            "on: /openapi.json shows every served product's payload schema (feature names, bounds, categories) to "
+            "anyone; off: only to a request with a valid token (any role), and without one a generic payload. A "
+            "fraud model's inputs are what a fraudster wants to learn."),
     Setting("SIRA_BATCH_MAX", "256", parse_bounded_int(1, 10_000), "Most events in one POST /v1/infer/batch."),
-    Setting("SIRA_MAX_BODY_BYTES", "1048576", parse_bounded_int(1024, 64 * 1024 * 1024), "Largest request body accepted (413 above)."),
+    Setting("SIRA_MAX_BODY_BYTES",
+            "1048576", parse_bounded_int(1024, 64 * 1024 * 1024), "Largest request body accepted (413 above)."),
     Setting("SIRA_KEEPALIVE_S", "5", parse_bounded_int(0, 3600), "Seconds an idle keep-alive connection stays open."),
     Setting("SIRA_HEADER_TIMEOUT_S", "10", parse_timeout_s,
-            "Seconds a new connection has to send its first request line and headers (slow or silent clients are disconnected)."),
+            "Seconds a new connection has to send its first request line and headers (slow or silent clients are "
+            "disconnected)."),
     Setting("SIRA_BODY_TIMEOUT_S", "10", parse_timeout_s,
-            "Seconds a request has to send its whole body once its headers are in (408 REQUEST_TIMEOUT after, and the connection is closed)."),
+            "Seconds a request has to send its whole body once its headers are in (408 REQUEST_TIMEOUT after, and "
+            "the connection is closed)."),
     Setting("SIRA_TLS_CERT", None, parse_pem_file,
-            "PEM certificate chain of the server. With SIRA_TLS_KEY: every listener (METRICS_BIND's too) speaks HTTPS only."),
+            "PEM certificate chain of the server. With SIRA_TLS_KEY: every listener (METRICS_BIND's too) speaks "
+            "HTTPS only."),
     Setting("SIRA_TLS_KEY", None, parse_pem_file, "PEM private key (unencrypted) of SIRA_TLS_CERT."),
     Setting("SIRA_TLS_CA", None, parse_pem_file,
-            "PEM CA certificates that sign client certificates (mutual TLS); needs SIRA_TLS_CLIENT_AUTH optional or required."),
+            "PEM CA certificates that sign client certificates (mutual TLS); needs SIRA_TLS_CLIENT_AUTH optional or "
+            "required."),
     Setting("SIRA_TLS_CLIENT_AUTH", "none", parse_client_auth,
-            "Client certificates: none, optional (checked against SIRA_TLS_CA when sent) or required (the handshake fails without one)."),
+            "Client certificates: none, optional (checked against SIRA_TLS_CA when sent) or required (the handshake "
+            "fails without one)."),
     Setting("SIRA_GUNICORN_CONFIG", None, parse_optional_file,
             "Optional gunicorn config file (Python) for ops overrides; applied after SIRA's own settings."),
     Setting("SIRA_QUEUE_RING_BYTES", "4194304", parse_ring_bytes,
-            "Bytes of each worker's prediction queue ring in /dev/shm (a multiple of 64). A full ring spills to the worker's overflow file under $SIRA_DATA_DIR/spool."),
+            "Bytes of each worker's prediction queue ring in /dev/shm (a multiple of 64). A full ring spills to the "
+            "worker's overflow file under $SIRA_DATA_DIR/spool."),
     Setting("SIRA_SPOOL_MAX_BYTES", "1073741824", parse_bounded_int(1024 * 1024, 1 << 50),
-            "Most bytes the prediction log keeps under $SIRA_DATA_DIR/spool: the writer's batches while Postgres is away and the workers' overflow files (logged as it fills); at the limit new predictions wait in the rings, and when those are full a request is refused (503)."),
+            "Most bytes the prediction log keeps under $SIRA_DATA_DIR/spool: the writer's batches while Postgres is "
+            "away and the workers' overflow files (logged as it fills); at the limit new predictions wait in the "
+            "rings, and when those are full a request is refused (503)."),
     Setting("SIRA_SPOOL_HANDOFF_PREFIX", "prediction-spool/", parse_key_prefix,
-            "With MODEL_BUCKET: a writer that stops while Postgres is away uploads its spool and overflow files under this prefix of the bucket, and any instance replays them once Postgres answers (empty: off)."),
+            "With MODEL_BUCKET: a writer that stops while Postgres is away uploads its spool and overflow files "
+            "under this prefix of the bucket, and any instance replays them once Postgres answers (empty: off)."),
     Setting("SIRA_WRITER_BATCH_ROWS", "5000", parse_bounded_int(1, 100_000),
             "Most prediction rows the writer sends to Postgres in one COPY and commit."),
     Setting("SIRA_WRITER_LINGER_MS", "100", parse_bounded_int(0, 1000),
-            "The writer sends a batch that is not full at most this often (milliseconds): fewer, larger commits for the same rows."),
+            "The writer sends a batch that is not full at most this often (milliseconds): fewer, larger commits for "
+            "the same rows."),
     Setting("SIRA_CANARY_BUDGET_MS", "50", parse_positive_float,
-            "A canary or shadow run is stopped at this (milliseconds per event) and counts as a failure: production answers the event (fallback: true)."),
+            "A canary or shadow run is stopped at this (milliseconds per event) and counts as a failure: production "
+            "answers the event (fallback: true)."),
     Setting("SIRA_BREAKER_FAILURES", "5", parse_bounded_int(1, 1_000_000),
-            "Canary failures within SIRA_BREAKER_WINDOW_S that open its circuit breaker (its events go to production)."),
-    Setting("SIRA_BREAKER_WINDOW_S", "10", parse_positive_float, "Window, in seconds, in which the breaker counts canary failures."),
+            "Canary failures within SIRA_BREAKER_WINDOW_S that open its circuit breaker (its events go to "
+            "production)."),
+    Setting("SIRA_BREAKER_WINDOW_S",
+            "10", parse_positive_float, "Window, in seconds, in which the breaker counts canary failures."),
     Setting("SIRA_BREAKER_COOLDOWN_S", "30", parse_positive_float,
-            "Seconds an open breaker stays open before it lets the canary try again (half-open); a failure then rolls the canary back."),
+            "Seconds an open breaker stays open before it lets the canary try again (half-open); a failure then "
+            "rolls the canary back."),
     Setting("SIRA_METRICS_WINDOW_S", "60", parse_positive_float,
-            "Seconds of each sira_inference_metrics window the supervisor writes (aligned to the clock, so every instance cuts the same windows)."),
+            "Seconds of each sira_inference_metrics window the supervisor writes (aligned to the clock, so every "
+            "instance cuts the same windows)."),
     Setting("SIRA_CANARY_WINDOW_S", "60", parse_positive_float,
-            "Sliding window, in seconds, over which the supervisor compares a canary with production for the automatic rollback."),
+            "Sliding window, in seconds, over which the supervisor compares a canary with production for the "
+            "automatic rollback."),
     Setting("SIRA_CANARY_MIN_REQUESTS", "100", parse_bounded_int(1, 100_000_000),
             "Requests the canary and production must each have served in the window before the canary can be judged."),
     Setting("SIRA_CANARY_MAX_ERROR_RATIO", "1.5", parse_ratio,
-            "Roll the canary back when its error rate in the window exceeds this many times production's (and it had an error)."),
+            "Roll the canary back when its error rate in the window exceeds this many times production's (and it had"
+            " an error)."),
     Setting("SIRA_CANARY_MAX_LATENCY_RATIO", "1.3", parse_ratio,
             "Roll the canary back when its p95 model latency in the window exceeds this many times production's."),
     Setting("SIRA_RATE_LIMITS", "", parse_rate_limits,
-            "Requests per token subject and role, shared by every worker of the host: comma-separated ROLE=N/second, ROLE=N/minute, ROLE=N/hour or ROLE=unlimited. Roles not named keep their defaults: fraud_analyst, ml_ops, pay_admin 100/minute; sira_service and internal_service (the internal token) unlimited; anonymous (requests failing authentication, per client address) 100/minute. Over it: 429 RATE_LIMIT_EXCEEDED with Retry-After."),
+            "Requests per token subject and role, shared by every worker of the host: comma-separated ROLE=N/second,"
+            " ROLE=N/minute, ROLE=N/hour or ROLE=unlimited. Roles not named keep their defaults: fraud_analyst, "
+            "ml_ops, pay_admin 100/minute; sira_service and internal_service (the internal token) unlimited; "
+            "anonymous (requests failing authentication, per client address) 100/minute. Over it: 429 "
+            "RATE_LIMIT_EXCEEDED with Retry-After."),
 )
 
 SETTINGS_BY_ENV = {setting.env: setting for setting in SETTINGS}

@@ -96,7 +96,8 @@ def _pem_certificates(variable: str, path: str) -> list:
     try:
         return x509.load_pem_x509_certificates(data)
     except ValueError:
-        raise ValueError(f"{variable}: expected PEM certificates (BEGIN CERTIFICATE), but {path!r} holds none") from None
+        raise ValueError(f"{variable}: expected PEM certificates (BEGIN CERTIFICATE), "
+                         f"but {path!r} holds none") from None
 
 
 def _pem_private_key(path: str):

@@ -203,6 +203,16 @@ class Segment:
         return f"<Segment {self.path} {state}>"
 
 
+# The segments of one instance are ``sira-<instance>-<kind>``; every kind, in one table:
+CONTROL_KIND: Final = "control"        # shm/control.py: the supervisor's generations and model slots
+MODEL_STATS_KIND: Final = "modelstats"  # shm/model_stats.py: the workers' per-model counts
+CACHE_KIND: Final = "cache"            # shm/cache.py: the prediction cache
+RATE_LIMIT_KIND: Final = "ratelimit"   # shm/ratelimit.py: the rate limits' token buckets
+RINGS_KIND: Final = "predlog"          # shm/ring.py: the workers' prediction rings
+STATS_KIND: Final = "predstats"        # shm/counters.py: the prediction log's counts
+SEGMENT_KINDS: Final = (CONTROL_KIND, MODEL_STATS_KIND, CACHE_KIND, RATE_LIMIT_KIND, RINGS_KIND, STATS_KIND)
+
+
 def segment_name(instance_id: str, kind: str) -> str:
     """Name of one segment of one ``sira serve`` instance: ``sira-<instance>-<kind>``."""
     for label, part in (("instance_id", instance_id), ("kind", kind)):

@@ -22,9 +22,10 @@ from collections.abc import Callable
 from gunicorn import util
 from gunicorn.arbiter import Arbiter
 
+from conf.datadir import write_atomically
 from conf.logs import set_process_role
 from workers.metrics import mark_process_dead
-from workers.processes import die_with_parent
+from workers.processes import describe_exit, die_with_parent
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
@@ -49,10 +50,7 @@ class Sidecar:
 
 def write_pidfile(path: str, pid: int) -> None:
     """Atomically, so a reader never sees a half-written pid."""
-    tmp_path = f"{path}.tmp"
-    with open(tmp_path, "w", encoding="ascii") as handle:
-        handle.write(f"{pid}\n")
-    os.replace(tmp_path, path)
+    write_atomically(path, f"{pid}\n", 0o644)
 
 
 def remove_pidfile(path: str) -> None:
@@ -62,14 +60,9 @@ def remove_pidfile(path: str) -> None:
         pass
 
 
-def describe_exit(status: int | None) -> str:
-    if status is None:
-        return "exited (status reaped elsewhere)"
-    if os.WIFSIGNALED(status):
-        sig = os.WTERMSIG(status)
-        name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
-        return f"was killed by {name}" + (" (perhaps out of memory)" if sig == signal.SIGKILL else "")
-    return f"exited with code {os.WEXITSTATUS(status)}"
+def exit_code(status: int | None) -> int | None:
+    """A wait status as subprocess's exit code (negative: the signal); None stays None."""
+    return None if status is None else os.waitstatus_to_exitcode(status)
 
 
 class SiraArbiter(Arbiter):
@@ -102,7 +95,7 @@ class SiraArbiter(Arbiter):
         self.stop_sidecars(signal.SIGTERM if graceful else signal.SIGQUIT)
 
     def handle_hup(self):
-        """Secret files re-read here, then in the workers (only if they were usable); SIGHUP to the sidecars that want it.
+        """Secret files re-read here, then in the workers (if they were usable); SIGHUP to the sidecars that want it.
 
         Workers keep serving: they swap their keys in their event loop, nothing restarts.
         """
@@ -182,7 +175,7 @@ class SiraArbiter(Arbiter):
         sidecar.restarts += 1
         sidecar.next_start_at = time.monotonic() + sidecar.backoff_s
         remove_pidfile(sidecar.pidfile)
-        self.log.error("%s %s after %.1fs; restarting in %.1fs", sidecar.name, describe_exit(status),
+        self.log.error("%s %s after %.1fs; restarting in %.1fs", sidecar.name, describe_exit(exit_code(status)),
                        ran_for, sidecar.backoff_s)
         sidecar.backoff_s = min(sidecar.backoff_s * 2, BACKOFF_MAX_S)
 
@@ -211,7 +204,7 @@ class SiraArbiter(Arbiter):
                 except ChildProcessError:
                     pid, status = sidecar.pid, None
                 if pid:
-                    self.log.info("%s stopped: %s", sidecar.name, describe_exit(status))
+                    self.log.info("%s stopped: %s", sidecar.name, describe_exit(exit_code(status)))
                     sidecar.pid = 0
                 else:
                     time.sleep(0.05)

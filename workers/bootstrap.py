@@ -14,6 +14,7 @@ import logging
 
 import psycopg
 
+from app.db import connect
 from app.store import registry
 from app.store.buckets import ModelStore, ModelStoreUnavailable
 from workers.migrate import apply_migrations
@@ -23,7 +24,6 @@ log = logging.getLogger("sira.bootstrap")
 
 DEMO_VERSION = "demo-1"
 START_PATIENCE_S = 5.0  # how long the master tries an external Postgres before it serves without it
-CONNECT_TIMEOUT_S = 5
 # What "not reachable now" looks like; anything else (a bad migration, a refused password...) stops the start.
 UNREACHABLE = (psycopg.OperationalError, ModelStoreUnavailable)
 
@@ -31,7 +31,7 @@ UNREACHABLE = (psycopg.OperationalError, ModelStoreUnavailable)
 def prepare_database(dsn: str, store: ModelStore) -> None:
     """Apply the pending migrations, then register the demo model if the registry is empty."""
     apply_migrations(dsn)
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+    with connect(dsn, "bootstrap") as conn:
         ensure_demo_model(conn, store)
 
 

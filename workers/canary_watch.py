@@ -195,7 +195,8 @@ class CanaryWatch:
                 if errors > 0:
                     self._set_breaker(cell, breakers.OPEN, now_ms, total, product, entry)
                     verdicts.append(RollbackVerdict(product, entry.canary.model_id, "circuit_breaker", {
-                        "breaker": {"failures_after_cooldown": errors, "times_opened": block.get(cell + breakers.TRIPS)},
+                        "breaker": {"failures_after_cooldown": errors,
+                                    "times_opened": block.get(cell + breakers.TRIPS)},
                         "canary": figures_json(recent.get(key, ModelFigures())),
                         "production": figures_json(recent.get((entry.production.model_id, "production"),
                                                               ModelFigures())),

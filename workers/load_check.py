@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import signal
 import sys
+
+from workers.processes import describe_exit
 
 log = logging.getLogger("sira.supervisor")
 
@@ -100,6 +101,5 @@ async def start_load_check() -> asyncio.subprocess.Process:
 
 def describe_returncode(code: int | None) -> str:
     if code is not None and code < 0:
-        return f"was killed by {signal.Signals(-code).name}" if -code in signal.Signals._value2member_map_ \
-            else f"was killed by signal {-code}"
+        return describe_exit(code)
     return f"exited with code {code} without a result"

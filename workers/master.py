@@ -25,14 +25,14 @@ from app.dependencies import DEPENDENCIES_FILE
 from app.scoring.cache import cache_segment_name, shared_cache
 from app.store.buckets import open_model_store
 from app.telemetry.tracing import tracing_from_environment
+from conf.datadir import MASTER_PIDFILE, MODELS_DIR, WRITER_PIDFILE, data_path
 from conf.logs import GunicornJsonLogger, access_log_enabled, set_process_role
-from conf.paths import MASTER_PIDFILE, MODELS_DIR, WRITER_PIDFILE, data_path
 from conf.settings import ConfigError, Settings, check_metrics_bind
 from conf.tls import gunicorn_tls_options
 from shm.control import ControlBlock
 from shm.counters import CounterBlock
 from shm.model_stats import stats_cells
-from shm.segment import remove_segment, segment_name
+from shm.segment import CONTROL_KIND, MODEL_STATS_KIND, RINGS_KIND, remove_segment, segment_name
 from workers.arbiter import Sidecar, SiraArbiter, remove_pidfile
 from workers.bootstrap import prepare_database_at_start
 from workers.credentials import build_authenticator, reload_credentials
@@ -41,8 +41,8 @@ from workers.metrics import mark_worker_dead, prepare_multiprocess_dir, remove_m
 from workers.model_cleanup import IN_USE_DIR
 from workers.model_sync import first_model_sync
 from workers.slots import assign_worker_slot, take_worker_slot
-from workers.supervisor import CONTROL_KIND, MODEL_STATS_KIND, supervisor_sidecar
-from workers.writer_process import RINGS_KIND, prediction_log_config, prediction_log_segments, writer_sidecar
+from workers.supervisor import supervisor_sidecar
+from workers.writer_process import prediction_log_config, prediction_log_segments, writer_sidecar
 
 log = logging.getLogger("sira.master")
 
@@ -174,11 +174,9 @@ class SiraApplication(BaseApplication):
 
     def load(self):
         """Runs in each worker after the fork: only here may onnxruntime be imported (app/config.py)."""
-        from app.http.assembly import create_app
-        from app.http.body_deadline import BodyDeadline
+        from app.http.assembly import create_worker_app
 
-        # a body cut off by SIRA_BODY_TIMEOUT_S (workers/http_worker.py) is answered 408 (app/http/body_deadline.py)
-        return BodyDeadline(create_app(self.app_config, worker_slot=self.worker_slot), self.settings.body_timeout_s)
+        return create_worker_app(self.app_config, self.settings.body_timeout_s, worker_slot=self.worker_slot)
 
 
 def take_over_predecessors(instance_id: str) -> tuple[str, ...]:

@@ -22,10 +22,9 @@ import dataclasses
 import datetime as dt
 import json
 import logging
-import os
 
-import psycopg
-
+from app.db import connect
+from conf.datadir import write_atomically
 from shm.control import ProductEntry
 from shm.counters import CounterBlock
 from shm.model_stats import ModelFigures, read_model_figures
@@ -94,11 +93,8 @@ class MetricsWindows:
         state = {"segment": self.block.segment.name,
                  "cut": [{"model_id": model_id, "role": role, "figures": dataclasses.asdict(figures)}
                          for (model_id, role), figures in self.previous.items()]}
-        tmp_path = f"{self.state_path}.tmp"
         try:
-            with open(tmp_path, "w", encoding="utf-8") as handle:
-                json.dump(state, handle)
-            os.replace(tmp_path, self.state_path)
+            write_atomically(self.state_path, json.dumps(state))
         except OSError as exc:
             log.warning("cannot keep the last metrics cut in %s: %s", self.state_path, exc)
 
@@ -128,11 +124,11 @@ class MetricsWindows:
             del self.pending[:dropped]
             log.warning("dropped %d inference metrics rows that Postgres did not take in time", dropped)
 
-    def write(self, dsn: str, connect_timeout_s: float) -> int:
+    def write(self, dsn: str) -> int:
         """Write the pending rows in one transaction; they stay pending if Postgres refuses."""
         if not self.pending:
             return 0
-        with psycopg.connect(dsn, autocommit=True, connect_timeout=connect_timeout_s) as conn, conn.transaction():
+        with connect(dsn, "supervisor") as conn, conn.transaction():
             with conn.cursor() as cursor:
                 cursor.executemany(UPSERT, self.pending)
         written, self.pending = len(self.pending), []

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import psycopg
 
+from app.db import connect
+
 log = logging.getLogger("sira.migrate")
 
 # One fixed key for every SIRA database: the bytes "SIRAMIGR" as a signed 64-bit integer.
@@ -53,7 +55,7 @@ class Migration:
 def apply_migrations(dsn: str, directory: str | None = None) -> list[str]:
     """Apply the pending migrations of directory (default: the migrations package); return their file names."""
     migrations = load_migrations(directory)
-    with psycopg.connect(dsn, autocommit=True, application_name="sira-migrate", connect_timeout=10) as conn:
+    with connect(dsn, "migrate", connect_timeout_s=10) as conn:
         # Session lock on this very connection: it is released when the connection closes, even
         # if this process dies, and the migrations run on the session that holds it.
         hold_migration_lock(conn)

@@ -40,7 +40,8 @@ import psycopg
 from app.store import registry
 from app.store.buckets import ModelStore, ModelStoreError, open_model_store
 from app.telemetry.metrics import count_model_load_error, set_model_generation
-from conf.paths import MODELS_DIR, data_path
+from conf.datadir import MODELS_DIR, data_path, write_atomically
+from conf.logs import one_line
 from conf.settings import Settings
 from shm.control import PATH_BYTES, PRODUCT_BYTES, VERSION_BYTES, ControlBlock, ModelSlot, ProductEntry
 from workers.canary_watch import CanaryWatch
@@ -50,7 +51,7 @@ from workers.model_cleanup import IN_USE_DIR, remove_unused_files
 from workers.model_files import ensure_local_copy
 from workers.registry_queries import CanaryToServe, read_serving_state
 from workers.registry_source import RegistrySource
-from workers.sync_stats import STATS_FILE, load_stats, write_json_atomically
+from workers.sync_stats import STATS_FILE, load_stats
 
 log = logging.getLogger("sira.supervisor")
 
@@ -119,7 +120,8 @@ class ModelSync:
         self.finish_sync(started, ok)
         return ok
 
-    async def canary_slot_for(self, canary: CanaryToServe, current: ProductEntry | None) -> tuple[ModelSlot | None, bool]:
+    async def canary_slot_for(self, canary: CanaryToServe,
+                              current: ProductEntry | None) -> tuple[ModelSlot | None, bool]:
         """The canary's checked slot, or None (production alone serves) when it cannot go live."""
         live = current.canary if current else None
         try:
@@ -191,7 +193,7 @@ class ModelSync:
         self.stats.last_sync_at, self.stats.last_sync_ok = started, ok
         self.stats.generation = self.control.generation()
         try:
-            write_json_atomically(self.stats_path, dataclasses.asdict(self.stats))
+            write_atomically(self.stats_path, json.dumps(dataclasses.asdict(self.stats), sort_keys=True))
         except OSError as exc:
             log.warning("cannot write %s: %s", self.stats_path, exc)
 
@@ -223,12 +225,9 @@ def spec_bytes(spec: dict) -> bytes:
 
 def write_spec(path: str, spec: dict) -> None:
     if not os.path.exists(path):
-        write_json_atomically(path, spec)
+        write_atomically(path, json.dumps(spec, sort_keys=True))
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"
 
 
 def first_sync(store: ModelStore, dsn: str, control: ControlBlock, models_dir: str, stats_path: str) -> bool:

@@ -21,10 +21,12 @@ from collections.abc import Iterator
 
 import psycopg
 
+from app.db import connect, connect_async
+from app.scoring.features import FeatureSpec
 from app.store import registry
 from app.store.buckets import ModelStoreError, open_model_store
 from conf.settings import Settings
-from workers.cli import EXIT_FAILURE, EXIT_OK, EXIT_USAGE
+from workers.cli_usage import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 
 PRODUCT_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")  # the API's product names (app/http/requests.py)
 VERSION_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,63}")
@@ -89,14 +91,6 @@ def add_models_parser(commands: argparse._SubParsersAction) -> None:
     promote.add_argument("--to", required=True, choices=registry.PROMOTION_TARGETS, dest="target")
 
 
-class UsageError(Exception):
-    """A flag or file the user got wrong: exit 2 with one line.
-
-    Not workers.cli.UsageError: under `python -m workers.cli` that module is `__main__`, and a
-    class imported from `workers.cli` would be another one, never caught there.
-    """
-
-
 class ModelCheckFailed(Exception):
     """The model does not load, does not match its spec, or does not score its smoke row."""
 
@@ -110,21 +104,20 @@ def command_models(settings: Settings, args: argparse.Namespace) -> int:
         print(f"sira models {args.models_command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except (registry.RegistryError, ModelStoreError, ModelCheckFailed) as exc:
-        print(f"sira models {args.models_command}: {one_line(str(exc))}", file=sys.stderr)
+        print(f"sira models {args.models_command}: {flattened(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
     except psycopg.OperationalError as exc:
-        print(f"sira models {args.models_command}: database: {one_line(str(exc))}", file=sys.stderr)
+        print(f"sira models {args.models_command}: database: {flattened(str(exc))}", file=sys.stderr)
         return EXIT_FAILURE
 
 
-def one_line(message: str) -> str:
+def flattened(message: str) -> str:
+    """A message on one line, its whitespace runs (a psycopg error's newlines) made single spaces."""
     return " ".join(message.split())
 
 
 def read_spec(path: str) -> dict:
     """The spec file as a validated dict; UsageError naming the file and the problem."""
-    from app.scoring.features import FeatureSpec
-
     try:
         with open(path, "rb") as handle:
             raw = json.load(handle)
@@ -135,7 +128,7 @@ def read_spec(path: str) -> dict:
     try:
         FeatureSpec.from_dict(raw)
     except ValueError as exc:
-        raise UsageError(f"--spec: {path!r}: {one_line(str(exc))}") from None
+        raise UsageError(f"--spec: {path!r}: {flattened(str(exc))}") from None
     return raw
 
 
@@ -152,8 +145,7 @@ def check_model_file(path: str) -> None:
 
 def smoke_test(path: str, spec: dict) -> float:
     """Load the model as a worker would, check it against its spec and score the baseline row."""
-    from app.scoring.features import FeatureSpec
-    from app.scoring.runner import ModelLoadError, ModelRunner
+    from app.scoring.runner import ModelLoadError, ModelRunner  # onnxruntime: only publish needs it
 
     try:
         return ModelRunner(path, FeatureSpec.from_dict(spec)).smoke_check()
@@ -169,7 +161,7 @@ def publish_model(settings: Settings, args: argparse.Namespace) -> int:
     spec = {**spec, "threshold": args.threshold}  # one threshold: the registry's
     score = smoke_test(args.file, spec)
     store = open_model_store(settings)
-    with registry_database(settings) as dsn, psycopg.connect(dsn, autocommit=True) as conn:
+    with registry_database(settings) as dsn, connect(dsn, "cli") as conn:
         if registry.version_exists(conn, args.product, args.version):
             raise registry.DuplicateModelVersion(
                 f"product {args.product!r} already has a model with version {args.version!r}")
@@ -194,7 +186,7 @@ def list_models(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def fetch_models(dsn: str, product: str | None, status: str | None) -> list[registry.RegistryModel]:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with await connect_async(dsn, "cli") as conn:
         return await registry.list_models(conn, product=product, status=status)
 
 
@@ -233,14 +225,14 @@ def promote_model(settings: Settings, args: argparse.Namespace) -> int:
 
 
 async def run_promotion(dsn: str, model_id: str, target: str) -> registry.Promotion:
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with await connect_async(dsn, "cli") as conn:
         return await registry.promote_model(conn, model_id, target)
 
 
 @contextlib.contextmanager
 def registry_database(settings: Settings) -> Iterator[str]:
     """The database as `sira serve` uses it (DATABASE_URL or the embedded one), migrated."""
-    from workers.migrate import apply_migrations
+    from workers.migrate import apply_migrations  # as in workers/cli.py: imported by the command that runs
     from workers.postgres import open_database
 
     with open_database(settings.database_url, settings.data_dir) as dsn:

@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
-import psycopg
 from psycopg import sql
 
+from app.db import connect
 from workers.processes import process_exists
 
 log = logging.getLogger("sira.database")
@@ -257,7 +257,7 @@ class EmbeddedPostgres:
     def _ensure_database(self, postmaster: _Postmaster) -> None:
         """Create the `sira` database unless it exists (we hold the lifecycle lock: no race)."""
         admin_url = _socket_url(postmaster, "postgres")
-        with psycopg.connect(admin_url, autocommit=True, connect_timeout=10) as conn:
+        with connect(admin_url, "embedded-postgres", connect_timeout_s=10) as conn:
             found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DATABASE_NAME,)).fetchone()
             if found is None:
                 conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(DATABASE_NAME)))
@@ -266,7 +266,8 @@ class EmbeddedPostgres:
 
 def _socket_url(postmaster: _Postmaster, dbname: str) -> str:
     """A libpq URL to dbname through the server's unix socket: the folder, percent-encoded, is the host."""
-    return f"postgresql://{SUPERUSER}@{quote(postmaster.socket_dir, safe='')}:{postmaster.port}/{quote(dbname, safe='')}"
+    host, database = quote(postmaster.socket_dir, safe=""), quote(dbname, safe="")
+    return f"postgresql://{SUPERUSER}@{host}:{postmaster.port}/{database}"
 
 
 def _read_postmaster(pgdata: Path) -> _Postmaster | None:

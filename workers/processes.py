@@ -1,5 +1,5 @@
 """Process checks the master's children share: whether a pid is alive (the writer's spool, the
-supervisor, the embedded Postgres), and dying with the parent (the sidecars)."""
+supervisor, the embedded Postgres), dying with the parent (the sidecars), and how a child ended."""
 
 from __future__ import annotations
 
@@ -17,6 +17,23 @@ def process_exists(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def describe_exit(code: int | None) -> str:
+    """How a child ended, from its exit code as subprocess gives it (negative: the signal that killed it).
+
+    None is a child whose status someone else reaped. The master passes a wait status through
+    ``os.waitstatus_to_exitcode``.
+    """
+    if code is None:
+        return "exited (status reaped elsewhere)"
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"was killed by {name}" + (" (perhaps out of memory)" if -code == signal.SIGKILL else "")
+    return f"exited with code {code}"
 
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -1,6 +1,6 @@
 """The supervisor's SQL: the registry's serving state, read in one snapshot, and a canary's rollback.
 
-Each call opens its own autocommit connection (``CONNECT_TIMEOUT_S``) and runs in a thread of the
+Each call opens its own autocommit connection (app/db.py) and runs in a thread of the
 supervisor's loop; a failure is a ``psycopg.Error`` for the caller to count and retry.
 """
 
@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 
-import psycopg
-
+from app.db import connect
 from app.store import canary_config, registry
 from workers.canary_watch import RollbackVerdict
 
-CONNECT_TIMEOUT_S = 5
-
 
 def roll_back_canary(dsn: str, verdict: RollbackVerdict) -> bool:
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+    with connect(dsn, "supervisor") as conn:
         return canary_config.roll_back(conn, verdict.product, verdict.canary_model_id, verdict.reason,
                                        verdict.figures)
 
@@ -35,7 +32,7 @@ def read_serving_state(dsn: str) -> tuple[list[registry.RegistryModel], dict[str
 
     A config whose canary model is archived (or gone) is not in force: production serves alone.
     """
-    with psycopg.connect(dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn, \
+    with connect(dsn, "supervisor") as conn, \
             conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
         models = registry.production_models(conn)

@@ -18,11 +18,11 @@ import dataclasses
 import datetime
 import json
 import logging
-import os
 import time
 
 from app.store.canary_config import CanaryConfig
 from app.store.registry import RegistryModel
+from conf.datadir import write_atomically
 
 log = logging.getLogger("sira.snapshot")
 
@@ -51,12 +51,7 @@ def write_snapshot(path: str, snapshot: RegistrySnapshot) -> None:
         "canaries": [{"config": dataclasses.asdict(config), "model": dataclasses.asdict(model)}
                      for config, model in snapshot.canaries],
     }
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    with open(tmp_path, "w", encoding="utf-8") as handle:
-        json.dump(body, handle, sort_keys=True, default=_json_value)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_path, path)
+    write_atomically(path, json.dumps(body, sort_keys=True, default=_json_value))
 
 
 def read_snapshot(path: str) -> RegistrySnapshot | None:

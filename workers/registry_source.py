@@ -25,6 +25,7 @@ import psycopg
 from app.dependencies import DEPENDENCIES_FILE, MODEL_STORE, POSTGRES, DependencyBoard
 from app.store.buckets import ModelStore, ModelStoreUnavailable
 from app.store.registry import RegistryModel
+from conf.logs import one_line
 from workers import registry_snapshot
 from workers.bootstrap import prepare_database
 
@@ -131,6 +132,3 @@ class RegistrySource:
         self.dependencies.mark_up(MODEL_STORE)
 
 
-def one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"

@@ -26,6 +26,10 @@ import sys
 
 import numpy as np
 
+from app.scoring.features import FeatureSpec
+from app.scoring.runner import ModelLoadError, ModelRunner, ModelSpecMismatch
+from app.store.shared_weights import SharedFormError, split_model, weights_path_for
+
 TOLERANCE = 1e-4  # the shared form runs without prepacking: other kernels, last-bit differences
 SELF_TIMEOUT_S = 600  # an orphan (its supervisor killed) never lingers longer than this
 EXIT_OK, EXIT_USAGE = 0, 2
@@ -42,9 +46,6 @@ class SmokeFailed(Exception):
 
 def check_model(model_path: str, spec_path: str) -> dict:
     """Load, check and smoke-score the model; returns what to serve, or raises SmokeFailed."""
-    from app.scoring.features import FeatureSpec
-    from app.scoring.runner import ModelLoadError, ModelRunner, ModelSpecMismatch
-
     try:
         with open(spec_path, encoding="utf-8") as handle:
             spec = FeatureSpec.from_dict(json.load(handle))
@@ -69,9 +70,6 @@ def check_model(model_path: str, spec_path: str) -> dict:
 
 def shared_form(model_path: str, spec, original) -> tuple[str, int] | None:
     """(graph path, size of its weights file) when the shared form exists and agrees with the original, else None."""
-    from app.scoring.runner import ModelLoadError, ModelRunner
-    from app.store.shared_weights import SharedFormError, split_model, weights_path_for
-
     try:
         graph_path = split_model(model_path)
         if graph_path is None:
@@ -119,14 +117,11 @@ def main(argv: list[str]) -> int:
 
 
 def wait_for_job() -> tuple[str, str] | None:
-    """Import onnxruntime and the scorer now, then wait for one job on stdin: {"model", "spec"}.
+    """Wait for one job on stdin: {"model", "spec"}; onnxruntime and the scorer are imported already.
 
     The supervisor keeps one such process ready, so a promotion does not wait for the imports
     (about half a second). End of input (the supervisor stopped or died) returns None.
     """
-    import app.scoring.runner  # noqa: F401  (the slow imports, done before the job arrives)
-    import app.store.shared_weights  # noqa: F401
-
     line = sys.stdin.readline()
     if not line.strip():
         return None

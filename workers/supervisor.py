@@ -25,24 +25,24 @@ import time
 
 import psycopg
 
+from app.db import connect_async
 from app.store.buckets import ModelStore, open_model_store
 from app.telemetry.metrics import count_canary_rollback
-from conf.paths import MODELS_DIR, SUPERVISOR_PIDFILE, data_path
+from conf.datadir import MODELS_DIR, SUPERVISOR_PIDFILE, data_path
+from conf.logs import one_line
 from conf.settings import Settings
 from shm.control import ControlBlock
 from shm.counters import CounterBlock
 from workers.arbiter import Sidecar
 from workers.canary_watch import CHECK_S, BreakerRules, CanaryWatch, RollbackRules, RollbackVerdict
 from workers.metrics_windows import METRICS_CUT_FILE, MetricsWindows, next_boundary
-from workers.model_sync import ModelSync, one_line
-from workers.registry_queries import CONNECT_TIMEOUT_S, roll_back_canary
+from workers.model_sync import ModelSync
+from workers.registry_queries import roll_back_canary
 from workers.retry import Backoff
 from workers.sync_stats import STATS_FILE
 
 log = logging.getLogger("sira.supervisor")
 
-CONTROL_KIND = "control"  # the control block's segment: sira-<instance>-control
-MODEL_STATS_KIND = "modelstats"  # the workers' per-model counts (shm/model_stats.py)
 NOTIFY_CHANNEL = "sira_config_changed"
 RETRY_FIRST_S = 1.0
 SYNC_RETRY_MAX_S = 10.0  # a failed sync is retried after 1, 2, 4, 8, 10 ... s (jittered; at most the poll interval)
@@ -148,8 +148,7 @@ class ModelSupervisor(ModelSync):
         backoff = Backoff(RETRY_FIRST_S, LISTEN_RETRY_MAX_S)  # workers/retry.py
         while True:
             try:
-                async with await psycopg.AsyncConnection.connect(
-                        self.dsn, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+                async with await connect_async(self.dsn, "supervisor-listen") as conn:
                     await conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
                     backoff.reset()
                     self.request_sync("listening for registry changes")  # changes missed meanwhile
@@ -179,7 +178,7 @@ class ModelSupervisor(ModelSync):
             windows.remember_products(self.control.read_table()[1])
             windows.cut(boundary)
             try:
-                await asyncio.to_thread(windows.write, self.dsn, CONNECT_TIMEOUT_S)
+                await asyncio.to_thread(windows.write, self.dsn)
             except psycopg.Error as exc:  # kept for the next window
                 log.warning("cannot write %d inference metrics rows now: %s", len(windows.pending), one_line(exc))
 

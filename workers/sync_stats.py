@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
 STATS_FILE = "model-sync.json"
 
@@ -40,13 +39,3 @@ def load_stats(path: str, control_segment: str) -> SyncStats:
     except (OSError, ValueError, TypeError):
         pass
     return SyncStats(control_segment=control_segment)
-
-
-def write_json_atomically(path: str, value) -> None:
-    """Temporary file, fsync, rename: readers see the old or the new file, whole."""
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    with open(tmp_path, "w", encoding="utf-8") as handle:
-        json.dump(value, handle, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_path, path)

@@ -20,7 +20,7 @@ that was down at that moment) the master drains them itself (``prediction_log_se
 The rings include those a dead instance of the data dir left (``workers/writer_rings.py``, which also
 sets damaged records aside). Disk errors never end the writer (``app/predlog/disk.py``): what could not
 be written stays where it was and is tried again. With Postgres away at stop, the spool is handed to
-the bucket, and handed-off spools of any instance are replayed here (``app/predlog/handoff.py``).
+the bucket, and handed-off spools of any instance are replayed here (``workers/writer_handoff.py``).
 The process around this class: ``workers/writer_process.py``.
 
 Counters go to the counter block (``app.predlog.log.Stat``) for metrics.
@@ -35,7 +35,7 @@ import signal
 import time
 
 from app.predlog.disk import DiskTrouble
-from app.predlog.handoff import BATCHES, OVERFLOW, HandoffError, SpoolHandoff
+from app.predlog.handoff import SpoolHandoff
 from app.predlog.log import PredictionLogConfig, Stat
 from app.predlog.sink import DatabaseAway, PostgresSink
 from app.predlog.spool import BatchSpool, OverflowFile, OverflowFiles, SpoolCorrupt, keep_aside
@@ -43,6 +43,7 @@ from shm.counters import CounterBlock
 from shm.ring import QueueRings
 from workers.processes import process_exists
 from workers.retry import Backoff
+from workers.writer_handoff import BucketSpool
 from workers.writer_rings import RingSet
 
 log = logging.getLogger("sira.writer")
@@ -51,7 +52,6 @@ POLL_S = 0.01                # idle wait between two looks at the rings
 HOUSEKEEPING_S = 0.5         # counters that need a scan (ages, files)
 STOP_DEADLINE_S = 25.0       # drain, replay and handoff; the master waits STOP_TIMEOUT_S (30 s) for the writer
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
-HANDOFF_POLL_S = 30.0        # how often the bucket's handoff prefix is listed while nothing is queued
 RECONNECT_FIRST_S = 0.5      # Postgres away: probed after 0.5, 1, 2, 4, 5, 5 ... s, jittered (workers/retry.py)
 RECONNECT_MAX_S = 5.0
 
@@ -74,10 +74,8 @@ class PredictionWriter:
         self.database_up = True  # until a write says otherwise
         self.spool_ready = False     # opened (counted) in the first step; again after a disk error
         self.overflow_bytes = 0      # the workers' overflow files share the spool's budget
-        self.handoff = handoff       # the bucket's handed-off spool (app/predlog/handoff.py)
-        self._handoff_keys: list[str] = []
-        self._handoff_check_at = 0.0
-        self._handoff_failing = False
+        # the bucket's handed-off spool (app/predlog/handoff.py): sent at stop, replayed from any instance
+        self.handoff = BucketSpool(handoff, stats, sink, self._database_away) if handoff else None
         self.stopping = asyncio.Event()
         self._retry_at = 0.0
         self._reconnect_backoff = Backoff(RECONNECT_FIRST_S, RECONNECT_MAX_S)
@@ -146,7 +144,8 @@ class PredictionWriter:
         except OSError as exc:
             self.disk.failed("syncing the overflow files", exc, "they stay as the workers left them")
         if not self.database_up and self.handoff is not None:
-            await self.hand_off_disk(deadline)
+            await self.handoff.hand_off_disk(self.config.instance_id, self.spool, self.overflow, self.disk,
+                                             deadline)
         self._housekeeping(force=True)
         log.info("prediction writer drained: %d spool batches and %d overflow files wait for the "
                  "next start", self.spool.batches, self.overflow.waiting())
@@ -285,7 +284,7 @@ class PredictionWriter:
             self.overflow.remove(item)
             self.stats.add(Stat.ROWS_REPLAYED, len(item.records))
             return True
-        return await self.replay_handed_off()
+        return self.handoff is not None and await self.handoff.replay_one()
 
     def keep_rest_of(self, item: OverflowFile) -> None:
         """What followed an overflow file's good records goes to corrupt/ before the file goes.
@@ -298,89 +297,6 @@ class PredictionWriter:
             self.stats.add(Stat.FILE_DAMAGE)
             log.error("overflow file %s: a record failed its checksum; %d bytes from there are kept in %s",
                       item.path, len(item.rest), kept)
-
-    # -- the bucket: the spool outlives the pod ---------------------------------------------------
-
-    async def hand_off_disk(self, deadline: float) -> None:
-        """Postgres is still away at stop: upload every spool batch and overflow file to the bucket."""
-        try:
-            files = [(BATCHES, path) for path in self.spool.paths()] + \
-                [(OVERFLOW, path) for path in self.overflow.ready()]
-        except OSError as exc:
-            self.disk.failed("listing the spool for the bucket", exc, "it stays on disk")
-            return
-        handed = 0
-        for kind, path in files:
-            if time.monotonic() >= deadline:
-                log.error("prediction writer: out of time handing the spool to %s; %d files stay on disk",
-                          self.handoff.describe(), len(files) - handed)
-                return
-            try:
-                await asyncio.to_thread(self.handoff.hand_off, self.config.instance_id, kind, path)
-            except (HandoffError, OSError) as exc:
-                log.error("prediction writer: handing %s to the bucket failed (%s); %d files stay on disk",
-                          path, exc, len(files) - handed)
-                return
-            handed += 1
-        if handed:
-            log.warning("Postgres is away at stop: %d spool and overflow files handed to %s; any instance "
-                        "replays them once Postgres answers", handed, self.handoff.describe())
-
-    async def replay_handed_off(self) -> bool:
-        """Replay one object the bucket holds (any instance's); True if one was done."""
-        if self.handoff is None or not await self._has_handoff_keys():
-            return False
-        key = self._handoff_keys.pop(0)
-        try:
-            item = await asyncio.to_thread(self.handoff.read, key)
-        except (HandoffError, SpoolCorrupt) as exc:
-            self._handoff_trouble(exc)  # a damaged object stays in the bucket for a person to see
-            return False
-        if item is None:
-            return True  # another writer replayed it meanwhile
-        try:
-            claimed = await self.sink.write_claimed(key, item.records)
-        except DatabaseAway as exc:
-            self._handoff_keys.insert(0, key)
-            self._database_away(exc)
-            return False
-        if claimed:
-            self.stats.add(Stat.ROWS_WRITTEN, len(item.records))
-            self.stats.add(Stat.ROWS_REPLAYED, len(item.records))
-            try:
-                if item.damaged:
-                    kept = await asyncio.to_thread(self.handoff.keep_damaged, key, item.damaged)
-                    self.stats.add(Stat.FILE_DAMAGE)
-                    log.error("handed-off %s: a record failed its checksum; the rest is kept at %s", key, kept)
-                await asyncio.to_thread(self.handoff.delete, key)
-            except HandoffError as exc:  # replayed again later: the insert is idempotent
-                self._handoff_trouble(exc)
-        return True
-
-    async def _has_handoff_keys(self) -> bool:
-        """List the bucket's handoff prefix at most every HANDOFF_POLL_S, when nothing is queued."""
-        if self._handoff_keys:
-            return True
-        if time.monotonic() < self._handoff_check_at:
-            return False
-        self._handoff_check_at = time.monotonic() + HANDOFF_POLL_S
-        try:
-            self._handoff_keys = await asyncio.to_thread(self.handoff.keys)
-        except HandoffError as exc:
-            self._handoff_trouble(exc)
-            return False
-        if self._handoff_failing:
-            log.info("the bucket answers again: %s", self.handoff.describe())
-            self._handoff_failing = False
-        if self._handoff_keys:
-            log.warning("replaying %d spool objects other instances handed to %s", len(self._handoff_keys),
-                        self.handoff.describe())
-        return bool(self._handoff_keys)
-
-    def _handoff_trouble(self, exc: Exception) -> None:
-        if not self._handoff_failing:
-            log.error("prediction writer: the handed-off spool cannot be replayed now: %s", exc)
-            self._handoff_failing = True
 
     # -- counters ---------------------------------------------------------------------------------
 

@@ -25,11 +25,12 @@ from app.predlog.handoff import SpoolHandoff
 from app.predlog.log import SPOOL_DIR, PredictionLogConfig, Stat, stat_cells
 from app.predlog.sink import PostgresSink
 from app.predlog.spool import BatchSpool, keep_copy
-from conf.paths import data_path
+from app.store.buckets import S3ModelStore
+from conf.datadir import data_path
 from conf.settings import Settings
 from shm.counters import CounterBlock
 from shm.ring import QueueRings
-from shm.segment import SegmentError, remove_segment, segment_name, segment_path
+from shm.segment import RINGS_KIND, STATS_KIND, SegmentError, remove_segment, segment_name, segment_path
 from workers.arbiter import Sidecar
 from workers.writer import STOP_DEADLINE_S, PredictionWriter
 
@@ -65,8 +66,6 @@ def spool_handoff(config: PredictionLogConfig) -> SpoolHandoff | None:
     """The bucket the spool is handed to at stop (MODEL_BUCKET), or None with a local model store."""
     if not config.handoff_bucket:
         return None
-    from app.store.buckets import S3ModelStore
-
     return SpoolHandoff(S3ModelStore(config.handoff_bucket, config.handoff_endpoint), config.handoff_prefix)
 
 
@@ -109,8 +108,6 @@ def run_writer(config: PredictionLogConfig) -> int:
 
 # -- in the master ------------------------------------------------------------------------------
 
-RINGS_KIND = "predlog"
-STATS_KIND = "predstats"
 
 
 def prediction_log_config(settings: Settings, dsn: str, instance_id: str,

@@ -46,11 +46,10 @@ from app.auth.roles import KNOWN_ROLES, granting_roles
 from app.errors import RateLimitExceeded
 from conf.ratelimit import ANONYMOUS, RateLimit, RateLimits
 from shm.ratelimit import RateLimitTable, rate_key
-from shm.segment import segment_name
+from shm.segment import RATE_LIMIT_KIND, segment_name
 
 log = logging.getLogger("sira.ratelimit")
 
-RATE_LIMIT_KIND = "ratelimit"
 MAX_REMEMBERED = 10_000  # keys and role sets kept per worker; cleared beyond, never unbounded
 LOCK_FAILURE_LOG_INTERVAL_NS = 60_000_000_000
 _NS_PER_S = 1_000_000_000
@@ -212,17 +211,13 @@ class RateLimiter:
         return key
 
 
-def open_rate_limiter(name: str | None, limits: RateLimits | None) -> RateLimiter | None:
+def open_rate_limiter(name: str | None, limits: RateLimits | None,
+                      on_refusal: Callable[[str], None]) -> RateLimiter | None:
     """In the worker, after the fork: attach the master's table; None when there is none.
 
-    Every limited role's ``sira_rate_limited_total`` series is created at 0, so that the first
-    refusal is an increase() of 1.
+    ``on_refusal(role)`` is called for every 429 (create_app passes the metrics counter, and creates
+    every limited role's ``sira_rate_limited_total`` series at 0).
     """
     if name is None or limits is None:
         return None
-    from app.telemetry.metrics import count_rate_limited, process_metrics
-
-    metrics = process_metrics()
-    for role in limits.limited_roles():
-        metrics.rate_limited.labels(role)
-    return RateLimiter(RateLimitTable.attach(name), limits, on_refusal=count_rate_limited)
+    return RateLimiter(RateLimitTable.attach(name), limits, on_refusal=on_refusal)

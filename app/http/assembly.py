@@ -14,6 +14,7 @@ from app.auth.tokens import AuthMiddleware
 from app.config import AppConfig
 from app.db import Database
 from app.errors import CODE_BY_STATUS, ApiError, error_body
+from app.http.body_deadline import BodyDeadline
 from app.http.canary_api import CanaryProductResource, CanaryResource, CanaryStopResource
 from app.http.health import HealthResource, OptionalToken, ReadyResource
 from app.http.infer import InferResource
@@ -21,15 +22,22 @@ from app.http.infer_batch import BatchInferResource
 from app.http.lookup import PredictionResource
 from app.http.middleware import RequestIdMiddleware
 from app.http.models_api import ModelInfoResource, ModelPromoteResource, ModelsResource
-from app.http.openapi import install_api_docs
+from app.http.openapi import DocsResource, OpenApiResource
 from app.predlog.log import PredictionLog, open_prediction_log
 from app.predlog.metrics import PredictionLogCollector
 from app.scoring.cache import PredictionCache
 from app.scoring.models import ModelTable
 from app.store.swap import LiveModelTable
-from app.telemetry.metrics import install_metrics
+from app.telemetry.metrics import (
+    MetricsResource,
+    OpsPortMiddleware,
+    count_rate_limited,
+    process_metrics,
+    start_rate_limited_series,
+)
 from app.telemetry.model_stats import metrics_collectors, open_model_stats
-from app.telemetry.tracing import open_tracing, traced_cache, with_tracing
+from app.telemetry.request_metrics import InferenceMetricsMiddleware, start_inference_metrics
+from app.telemetry.tracing import TracedAuth, open_tracing, traced_cache
 
 log = logging.getLogger("sira.app")
 
@@ -66,7 +74,25 @@ def json_handler() -> falcon.media.JSONHandler:
 
 
 def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi.App:
-    """Build the app in the worker process: models are loaded here, once, never per request."""
+    """Build the app in the worker process: models are loaded here, once, never per request.
+
+    Everything a request meets is put together here and nowhere else: first the parts, then the
+    middleware in the order a request meets it, then the routes. Outside the app, as plain ASGI, only
+    ``BodyDeadline`` (``create_worker_app``). Falcon runs each middleware's process_request and
+    process_resource top to bottom, process_response bottom to top; lifespan startup top to bottom,
+    shutdown bottom to top:
+
+    1. Tracing (tracing on only): the request's server span, first so that it covers all the others
+    2. RequestIdMiddleware: req.context.request_id and X-Request-ID
+    3. AuthMiddleware (process_resource): token, rate limit, role; inside an ``auth`` span (TracedAuth)
+       when tracing is on
+    4. the prediction log (lifespan only): seals this worker's spill files at shutdown
+    5. Database (lifespan only): closes the pool at shutdown
+    6. OpsPortMiddleware (METRICS_BIND set only): on the metrics port, 404 for all but /metrics,
+       /healthz and /readyz
+    7. InferenceMetricsMiddleware (process_response): counts each inference request once its answer
+       is ready, errors and refusals included
+    """
     if config.control_segment:  # sira serve: the supervisor's generations, swapped per request
         models = LiveModelTable.attach(config.control_segment, config.models_in_use_dir)
     else:
@@ -74,13 +100,36 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
         models.load(config.model_files)
 
     tracing = open_tracing(config.tracing)  # None when off: then nothing of it is installed (app/telemetry/tracing.py)
-    app = falcon.asgi.App(
-        middleware=with_tracing(tracing, [RequestIdMiddleware(),
-                    AuthMiddleware(config.authenticator, open_rate_limiter(config.rate_limit_segment,
-                                                                           config.rate_limits))]),
-        cors_enable=False,
-    )
+    rate_limiter = open_rate_limiter(config.rate_limit_segment, config.rate_limits, count_rate_limited)
+    if rate_limiter is not None:  # each limited role's sira_rate_limited_total at 0
+        start_rate_limited_series(rate_limiter.limits.limited_roles())
+    auth = AuthMiddleware(config.authenticator, rate_limiter)
     token = OptionalToken(config.authenticator)  # /readyz and /openapi.json show a valid token's holder more
+    cache = PredictionCache.attach(config.cache_segment) if config.cache_segment else None
+    # this worker's ring of the prediction log; a middleware for its lifespan (seals spill files)
+    prediction_log = open_prediction_log(config.prediction_log, worker_slot)
+    model_stats = open_model_stats(config.model_stats_segment, worker_slot, models)  # read by the canary watch
+    infer = InferResource(models, config.max_body_bytes, cache, prediction_log, model_stats)
+    batch = BatchInferResource(models, config.max_body_bytes, config.batch_max, cache, prediction_log, model_stats)
+    if tracing is not None:
+        infer.tracer = batch.tracer = tracing.tracer  # spans of the request's phases
+        infer.cache = traced_cache(cache, tracing.tracer)  # a span per lookup; a batch has one span for all
+    infer.canary_budget_s = batch.canary_budget_s = config.canary_budget_ms / 1000.0
+    database = Database(config.database_url)  # opened on first use, closed at lifespan shutdown
+    shared_figures = [PredictionLogCollector(prediction_log)] if isinstance(prediction_log, PredictionLog) else []
+    shared_figures += metrics_collectors(model_stats)  # read from shared memory at scrape time
+    metrics = process_metrics()  # this worker's families (app/telemetry/metrics.py)
+    inference_metrics = start_inference_metrics(metrics, models, cache)  # the request counters
+
+    app = falcon.asgi.App(middleware=[
+        *([tracing] if tracing is not None else []),
+        RequestIdMiddleware(),
+        auth if tracing is None else TracedAuth(auth, tracing.tracer),
+        prediction_log,
+        database,
+        *([OpsPortMiddleware(config.metrics_port)] if config.metrics_port is not None else []),
+        InferenceMetricsMiddleware(inference_metrics),
+    ], cors_enable=False)
     handler = json_handler()
     app.req_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
     app.resp_options.media_handlers = falcon.media.Handlers({falcon.MEDIA_JSON: handler})
@@ -90,21 +139,8 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
 
     app.add_route("/healthz", HealthResource())
     app.add_route("/readyz", ReadyResource(models, config.dependencies_file, token, config.metrics_port))
-    cache = PredictionCache.attach(config.cache_segment) if config.cache_segment else None
-    # this worker's ring of the prediction log; a middleware for its lifespan (seals spill files)
-    prediction_log = open_prediction_log(config.prediction_log, worker_slot)
-    app.add_middleware(prediction_log)
-    model_stats = open_model_stats(config.model_stats_segment, worker_slot, models)  # read by the canary watch
-    infer = InferResource(models, config.max_body_bytes, cache, prediction_log, model_stats)
-    batch = BatchInferResource(models, config.max_body_bytes, config.batch_max, cache, prediction_log, model_stats)
-    if tracing is not None:
-        infer.tracer = batch.tracer = tracing.tracer  # spans of the request's phases
-        infer.cache = traced_cache(cache, tracing.tracer)  # a span per lookup; a batch has one span for all
-    infer.canary_budget_s = batch.canary_budget_s = config.canary_budget_ms / 1000.0
     app.add_route("/v1/infer", infer)
     app.add_route("/v1/infer/batch", batch)
-    database = Database(config.database_url)  # opened on first use, closed at lifespan shutdown
-    app.add_middleware(database)
     app.add_route("/v1/models", ModelsResource(database, models))
     app.add_route("/v1/models/{model_id}", ModelInfoResource(database, models, model_stats))
     app.add_route("/v1/models/{model_id}/promote", ModelPromoteResource(database, models))
@@ -112,10 +148,19 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
     app.add_route("/v1/canary/{product}", CanaryProductResource(database))
     app.add_route("/v1/canary/{product}/stop", CanaryStopResource(database))
     app.add_route("/v1/infer/{prediction_id}", PredictionResource(prediction_log, database))
-    shared_figures = [PredictionLogCollector(prediction_log)] if isinstance(prediction_log, PredictionLog) else []
-    shared_figures += metrics_collectors(model_stats)  # read from shared memory at scrape time
-    install_metrics(app, models, cache, config.metrics_port, shared_figures,  # /metrics and the request counters
-                    config.metrics_on_main_port)
-    install_api_docs(app, config, models, token,  # /openapi.json and /docs: the app's routes, the served payloads
-                     config.openapi_feature_specs)
+    # SIRA_METRICS_ON_MAIN_PORT off: /metrics on METRICS_BIND's port only
+    app.add_route("/metrics", MetricsResource(metrics, shared_figures, config.metrics_on_main_port,
+                                              config.metrics_port))
+    # the document describes the routes the app has when it is asked, with the served payloads
+    app.add_route("/openapi.json", OpenApiResource(app, config.batch_max, models, token,
+                                                   config.openapi_feature_specs))
+    app.add_route("/docs", DocsResource())
     return app
+
+
+def create_worker_app(config: AppConfig, body_timeout_s: float, worker_slot: int | None = None) -> BodyDeadline:
+    """What a gunicorn worker serves: ``create_app``'s app inside ``BodyDeadline``, the outermost layer.
+
+    A body cut off by SIRA_BODY_TIMEOUT_S (workers/http_worker.py) is answered 408 (app/http/body_deadline.py).
+    """
+    return BodyDeadline(create_app(config, worker_slot=worker_slot), body_timeout_s)

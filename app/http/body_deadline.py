@@ -9,11 +9,11 @@ for the next chunk (its `timeout`) runs out. Left alone, that reaches Falcon in 
   an answer, and gunicorn sends a plain-text 500;
 - while Falcon reads the body: the body ends early and the client gets 400 for malformed JSON.
 
-`BodyDeadline` wraps the Falcon app as plain ASGI and turns `http.disconnect` before the body's end
-into 408: answered here when Falcon has not started, raised as `RequestTimeout` (rendered by
-app.http.assembly's error handler) when it has. The answer says `Connection: close`; gunicorn closes the
-connection anyway, its body being unfinished. A client that really left never reads the 408.
-It costs about 0.5 us a request (`python -m bench.bench_body_deadline`).
+`BodyDeadline` wraps the Falcon app as plain ASGI (app.http.assembly.create_worker_app) and turns
+`http.disconnect` before the body's end into 408: answered here when Falcon has not started, raised as
+`RequestTimeout` (rendered by app.http.assembly's error handler) when it has. The answer says
+`Connection: close`; gunicorn closes the connection anyway, its body being unfinished. A client that
+really left never reads the 408. It costs about 0.5 us a request (`python -m bench.bench_body_deadline`).
 """
 
 from __future__ import annotations

@@ -56,7 +56,8 @@ function operation(path, method, op, doc) {
   }
   if (op.requestBody) {
     body.append(el("h4", {}, "Request body"));
-    for (const [type, media] of Object.entries(op.requestBody.content)) body.append(el("p", {}, type), json(media.schema));
+    for (const [type, media] of Object.entries(op.requestBody.content))
+      body.append(el("p", {}, type), json(media.schema));
   }
   body.append(el("h4", {}, "Responses"));
   const rows = Object.entries(op.responses).map(([status, r]) => el("tr", {}, el("td", {}, status),

@@ -258,8 +258,9 @@ class BatchInferResource:
     @staticmethod
     def answer_unavailable(product: str, items: list, results: list, request_id: str) -> None:
         for index, _, _ in items:
-            results[index] = error_body(ServiceUnavailable.code, f"the model of product {product!r} failed on this event",
-                                        request_id, {"product": product, "index": index})
+            message = f"the model of product {product!r} failed on this event"
+            results[index] = error_body(ServiceUnavailable.code, message, request_id,
+                                        {"product": product, "index": index})
 
     async def score_shadows(self, shadows: list, request_id: str | None) -> None:
         """After the answer left: each shadow model scores its events in one run; logged, never served."""

@@ -355,13 +355,3 @@ class DocsResource:
         resp.content_type = falcon.MEDIA_HTML
         resp.text = DOCS_HTML
 
-
-def install_api_docs(app: falcon.asgi.App, config: Any = None, models: Any = None,
-                     token: OptionalToken | None = None, specs_public: bool = False) -> None:
-    """Add /openapi.json and /docs; the document describes the routes the app has when it is asked.
-
-    `token` reads a request's token (app/http/health.py); `specs_public` is SIRA_OPENAPI_FEATURE_SPECS.
-    """
-    app.add_route("/openapi.json", OpenApiResource(app, getattr(config, "batch_max", 256), models, token,
-                                                   specs_public))
-    app.add_route("/docs", DocsResource())

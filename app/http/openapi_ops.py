@@ -1,4 +1,6 @@
-"""The ops endpoints' part of the OpenAPI document (app/http/openapi.py): /healthz, /readyz, /metrics, /openapi.json, /docs.
+"""The ops endpoints' part of the OpenAPI document (app/http/openapi.py).
+
+/healthz, /readyz, /metrics, /openapi.json and /docs.
 
 Each is public (no token needed), and each says what a caller without a token is shown, which is
 less than what a token (or METRICS_BIND's port, or a setting) shows: /readyz keeps its

@@ -183,8 +183,10 @@ def schemas(batch_max: int, specs: dict[str, Any] | None) -> dict:
         "type": "object",
         "required": ["requests", "errors", "model_runs", "cache_hits", "cache_hit_rate", "p50_ms", "p95_ms"],
         "properties": {
-            "requests": {"type": "integer", "minimum": 0, "description": "Events this host answered (or failed) with the model."},
-            "errors": {"type": "integer", "minimum": 0, "description": "Events the model failed (a canary's are answered by production)."},
+            "requests": {"type": "integer", "minimum": 0,
+                         "description": "Events this host answered (or failed) with the model."},
+            "errors": {"type": "integer", "minimum": 0,
+                       "description": "Events the model failed (a canary's are answered by production)."},
             "model_runs": {"type": "integer", "minimum": 0},
             "cache_hits": {"type": "integer", "minimum": 0},
             "cache_hit_rate": {**number_or_null, "maximum": 1},

@@ -41,6 +41,7 @@ import zlib
 from typing import Any
 
 from app.predlog.disk import OVERFLOW_FILE_MAX_BYTES, LogFull, overflow_has_room
+from conf.datadir import fsync_directory
 
 OVERFLOW_FILE_RECORDS = 1000  # also the most the writer re-sends of one file after a crash
 OVERFLOW_FILE_MAX_AGE_S = 1.0
@@ -249,16 +250,6 @@ class OverflowSpill:
         if durable:
             fsync_directory(self.directory)
         self.files_sealed += 1
-
-
-def fsync_directory(path: str) -> None:
-    """Make a rename or a new file in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
 
 
 # -- spool batch names --------------------------------------------------------------------------

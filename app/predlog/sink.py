@@ -20,8 +20,10 @@ import time
 
 import orjson
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
-from app.predlog.files import fsync_directory
+from app.db import connection_options
+from conf.datadir import fsync_directory
 
 log = logging.getLogger("sira.writer")
 
@@ -66,9 +68,8 @@ class PostgresSink:
         self.rows_rejected = 0
 
     async def open(self) -> None:
-        from psycopg_pool import AsyncConnectionPool
-
         self.pool = AsyncConnectionPool(self.dsn, min_size=1, max_size=self.connections, open=False,
+                                        kwargs=connection_options("writer"),
                                         configure=_prepare_connection, name="sira-writer",
                                         timeout=RETRY_S, reconnect_timeout=2 * RETRY_S)
         await self.pool.open(wait=False)

@@ -6,8 +6,9 @@ all. Names are increasing sequence numbers, then the span of the batch's id time
 (``<seq>-<first ms>-<last ms>.batch``, ``app.predlog.files.BatchName``: a lookup reads only the
 batches whose span holds the id; ``<seq>.batch`` of older releases is still replayed): replay goes
 oldest first and removes a file only after Postgres committed its rows. A writer killed at any
-point re-sends at most one batch (the rows are idempotent on prediction_id). The spool holds at most ``max_bytes``: a warning is logged as it
-passes 50, 75 and 90 % and an error at 100 %, after which the writer leaves new records in the rings
+point re-sends at most one batch (the rows are idempotent on prediction_id). The spool holds at
+most ``max_bytes``: a warning is logged as it passes 50, 75 and 90 % and an error at 100 %, after
+which the writer leaves new records in the rings
 (``has_room``) rather than drop anything; at shutdown the limit gives way (``force``), because the
 rings die with the master.
 
@@ -44,14 +45,13 @@ from app.predlog.files import (
     decode_frames,
     decode_overflow,
     encode_frames,
-    fsync_directory,
 )
 from app.predlog.log import RECORD_PREFIX
+from conf.datadir import TMP_SUFFIX, write_atomically
 
 log = logging.getLogger("sira.spool")
 
 BATCH_MAGIC = b"SIRASPL1"
-TMP_SUFFIX = ".tmp"
 CORRUPT_DIR = "corrupt"
 FILL_WARNINGS = (50, 75, 90)  # percent of max_bytes; 100 is an error
 
@@ -127,7 +127,7 @@ class BatchSpool:
         data = _BATCH_HEADER.pack(BATCH_MAGIC, len(records), zlib.crc32(body), len(body)) + body
         name = BatchName(self._next_seq, *id_time_span(records)).file_name()
         path = os.path.join(self.directory, name)
-        _write_durably(path, data)
+        write_atomically(path, data)
         self._next_seq += 1
         self.bytes_used += len(data)
         self.batches += 1
@@ -199,29 +199,11 @@ def decode_batch(data: bytes, label: str) -> list[bytes]:
     return records
 
 
-def _write_durably(path: str, data: bytes) -> None:
-    """Write to ``path.tmp``, fsync, rename into place, fsync the folder."""
-    tmp_path = path + TMP_SUFFIX
-    fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        os.unlink(tmp_path)
-        raise
-    os.close(fd)
-    os.rename(tmp_path, path)
-    fsync_directory(os.path.dirname(path))
-
-
 def keep_aside(directory: str, name: str, data: bytes) -> str:
     """Keep damaged bytes durably under ``directory`` for a person to look at; returns the path."""
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, f"{name}-{time.time_ns()}")
-    _write_durably(path, data)
+    write_atomically(path, data)
     return path
 
 

@@ -34,12 +34,11 @@ from typing import Any
 import orjson
 
 from shm.cache import ShmCache
-from shm.segment import segment_name
+from shm.segment import CACHE_KIND, segment_name
 
 # Room for a five-item explanation with feature names up to ~60 characters; a longer value is
 # simply not stored. 5,000 entries (the default CACHE_MAX_ITEMS) take about 3 MiB of /dev/shm.
 VALUE_SIZE = 512
-CACHE_KIND = "cache"
 MAX_MODEL_PREFIXES = 1024  # model identities remembered; cleared beyond, never unbounded
 
 _HEAD = struct.Struct("<dB")  # score, explained flag; the explanation JSON follows

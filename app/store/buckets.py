@@ -22,15 +22,13 @@ import hashlib
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-if TYPE_CHECKING:
-    from conf.settings import Settings
+from conf.datadir import STORE_DIR, data_path, write_atomically
+from conf.settings import Settings
 
 CHUNK = 1 << 20
-PARTIAL_SUFFIX = ".part"  # temporary files of unfinished fetches end with this
 FILE_MODE = 0o644
 
 # A storage key is a relative object name: segments of safe characters, no '.', '..' or empty ones.
@@ -112,48 +110,28 @@ def check_key(key: str) -> str:
     return key
 
 
-def fsync_directory(directory: str) -> None:
-    """Make a rename inside directory durable."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def write_verified(chunks: Iterable[bytes], dest_path: str, sha256: str, size: int) -> None:
-    """Write chunks to a temporary file beside dest_path, check sha256 and size, fsync, rename.
+    """Write chunks to dest_path whole, checking sha256 and size as they stream (conf/datadir.py).
 
     Stops reading as soon as there are more bytes than `size`, so a wrong object cannot fill the
     disk. On any failure the temporary file is removed and dest_path is left as it was.
     """
-    directory = os.path.dirname(os.path.abspath(dest_path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(dest_path)}.",
-                                    suffix=PARTIAL_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            os.fchmod(handle.fileno(), FILE_MODE)
-            digest, written = hashlib.sha256(), 0
-            for chunk in chunks:
-                written += len(chunk)
-                if written > size:
-                    raise ModelIntegrityError(f"{os.path.basename(dest_path)}: the object has more than "
-                                              f"the {size} bytes the registry records")
-                digest.update(chunk)
-                handle.write(chunk)
-            if (digest.hexdigest(), written) != (sha256, size):
-                raise ModelIntegrityError(
-                    f"{os.path.basename(dest_path)}: expected sha256 {sha256} ({size} bytes), "
-                    f"got {digest.hexdigest()} ({written} bytes)")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, dest_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_path)
-        raise
-    fsync_directory(directory)
+    os.makedirs(os.path.dirname(os.path.abspath(dest_path)), exist_ok=True)
+    write_atomically(dest_path, _verified(chunks, os.path.basename(dest_path), sha256, size), FILE_MODE)
+
+
+def _verified(chunks: Iterable[bytes], name: str, sha256: str, size: int) -> Iterator[bytes]:
+    """The chunks, then ModelIntegrityError (before the file is renamed) unless they are the object."""
+    digest, written = hashlib.sha256(), 0
+    for chunk in chunks:
+        written += len(chunk)
+        if written > size:
+            raise ModelIntegrityError(f"{name}: the object has more than the {size} bytes the registry records")
+        digest.update(chunk)
+        yield chunk
+    if (digest.hexdigest(), written) != (sha256, size):
+        raise ModelIntegrityError(f"{name}: expected sha256 {sha256} ({size} bytes), "
+                                  f"got {digest.hexdigest()} ({written} bytes)")
 
 
 def file_chunks(path: str) -> Iterator[bytes]:
@@ -249,6 +227,7 @@ class S3ModelStore:
         return self._client
 
     def _make_client(self) -> Any:
+        # Imported here: boto3 takes about 0.3 s to import, and only a bucket store needs it.
         import boto3.session
         from botocore.config import Config
 
@@ -367,6 +346,4 @@ def open_model_store(settings: Settings) -> ModelStore:
     """S3 when MODEL_BUCKET is set, else the local folder store under $SIRA_DATA_DIR/store."""
     if settings.model_bucket:
         return S3ModelStore(settings.model_bucket, settings.s3_endpoint_url)
-    from conf.paths import STORE_DIR, data_path
-
     return LocalModelStore(data_path(settings.data_dir, STORE_DIR))

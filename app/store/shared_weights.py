@@ -42,12 +42,14 @@ from typing import Any
 import numpy as np
 
 from app.store import protobuf_wire as wire
+from conf.datadir import write_atomically
 
 GRAPH_SUFFIX = ".graph.onnx"
 WEIGHTS_SUFFIX = ".weights"
 WEIGHTS_MAGIC = b"SIRAWTS1"
 PAGE = 4096
 MIN_SHARED_TENSOR_BYTES = 64 * 1024  # smaller tensors stay inline: a page each would waste more
+FILE_MODE = 0o644  # beside the downloaded model files (app/store/buckets.py), which are 0644 too
 
 _HEADER = struct.Struct("<8sQ")
 
@@ -122,10 +124,10 @@ def split_model(model_path: str, min_tensor_bytes: int = MIN_SHARED_TENSOR_BYTES
     graph_path = graph_path_for(model_path)
     weights_path = weights_path_for(graph_path)
     graph = _graph_with_references(graph_field[4], movable, os.path.basename(weights_path))
-    _write_atomically(weights_path, _weights_chunks(header, list(movable.values())))
-    _write_atomically(graph_path, [bytes(model[:graph_field[2]]),
-                                   wire.tag(_MODEL_GRAPH, wire.LENGTH), wire.varint(len(graph)), graph,
-                                   bytes(model[graph_field[3]:])])
+    write_atomically(weights_path, _weights_chunks(header, list(movable.values())), FILE_MODE)
+    write_atomically(graph_path, [bytes(model[:graph_field[2]]),
+                                  wire.tag(_MODEL_GRAPH, wire.LENGTH), wire.varint(len(graph)), graph,
+                                  bytes(model[graph_field[3]:])], FILE_MODE)
     return graph_path
 
 
@@ -229,26 +231,6 @@ def _weights_chunks(header: bytes, tensors: list[_Tensor]) -> list[bytes | memor
     return chunks
 
 
-def _write_atomically(path: str, chunks: list[bytes | memoryview]) -> None:
-    """Temporary file beside ``path``, fsync, rename, fsync the folder."""
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as handle:
-            for chunk in chunks:
-                handle.write(chunk)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.unlink(tmp_path)
-    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
-
-
 # Opening (in each worker) ------------------------------------------------------------------------
 
 class MappedWeights:
@@ -304,6 +286,7 @@ class MappedWeights:
     def nbytes(self) -> int:
         """Bytes of weights that this file shares."""
         return sum(array.nbytes for array in self.arrays.values())
+
 
 
 def open_shared_session(graph_path: str, options: Any) -> tuple[Any, MappedWeights]:

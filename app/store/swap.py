@@ -38,6 +38,7 @@ from app.telemetry.metrics import (
     set_models_loaded,
     start_fallback_series,
 )
+from conf.datadir import write_atomically
 from shm.breakers import OPEN, STATE, find_breaker
 from shm.control import ControlBlock, ModelSlot, ProductEntry
 from shm.counters import CounterBlock
@@ -154,7 +155,7 @@ class LiveModelTable(ModelTable):
         self.record_files_in_use(files_of([*slots.values(), *(c.slot for c in canaries.values())]))
         set_models_loaded(len(production))
         set_model_generation(generation)
-        for product, entry in table.items():
+        for product in table:
             canary = canaries.get(product)
             set_canary_traffic_ratio(product, canary.basis_points / 10_000 if canary and not canary.shadow else 0.0)
             if canary is not None and not canary.shadow:
@@ -236,11 +237,8 @@ class LiveModelTable(ModelTable):
         if self.in_use_dir is None or names == self._recorded:
             return
         path = os.path.join(self.in_use_dir, str(os.getpid()))
-        tmp_path = f"{path}.tmp"
         try:
-            with open(tmp_path, "w", encoding="utf-8") as handle:
-                handle.write("".join(f"{name}\n" for name in sorted(names)))
-            os.replace(tmp_path, path)
+            write_atomically(path, "".join(f"{name}\n" for name in sorted(names)))
         except OSError as exc:  # serving comes first; the files may then be removed under us
             log.warning("cannot list the model files in use in %s: %s", path, exc)
             return

@@ -86,6 +86,7 @@ class SiraMetrics:
     """
 
     def __init__(self, registry: Any = None):
+        # prometheus_client is imported in functions only: importing it fixes the process's mode (module docstring)
         from prometheus_client import CollectorRegistry, values
 
         check_value_class(values.ValueClass)
@@ -143,8 +144,8 @@ class SiraMetrics:
 
     @functools.cached_property
     def canary_traffic_ratio(self):
-        return self._gauge("sira_canary_traffic_ratio", "Configured share of a product's traffic sent to its canary (0-1).",
-                           "livemax", ("product",))
+        return self._gauge("sira_canary_traffic_ratio",
+                           "Configured share of a product's traffic sent to its canary (0-1).", "livemax", ("product",))
 
     @functools.cached_property
     def dependency_up(self):
@@ -153,8 +154,8 @@ class SiraMetrics:
 
     @functools.cached_property
     def model_load_errors(self):
-        return self._counter(Family("sira_model_load_errors_total", "Models that failed to load or to pass their checks.",
-                                    ("reason",)))
+        return self._counter(Family("sira_model_load_errors_total",
+                                    "Models that failed to load or to pass their checks.", ("reason",)))
 
     @functools.cached_property
     def fallbacks(self):
@@ -252,6 +253,14 @@ def count_rate_limited(role: str) -> None:
     process_metrics().rate_limited.labels(role).inc()
 
 
+def start_rate_limited_series(roles: Iterable[str]) -> None:
+    """In an HTTP worker with rate limits (create_app): each limited role's series at 0, so that the
+    first refusal is an increase() of 1."""
+    metrics = process_metrics()
+    for role in roles:
+        metrics.rate_limited.labels(role)
+
+
 def start_worker_metrics(metrics: SiraMetrics, products: Iterable[str], models_loaded: int,
                          generation: int | None) -> None:
     """An HTTP worker's startup: its gauges set, and every counter ops alert on created at 0.
@@ -275,6 +284,7 @@ def exposition(registry: Any, collectors: Iterable[Any] = ()) -> tuple[bytes, st
 
     `collectors` read shared state at scrape time (the prediction log's counter block).
     """
+    # in the function: importing prometheus_client fixes the process's mode (module docstring)
     from prometheus_client import (
         CONTENT_TYPE_LATEST,
         CollectorRegistry,
@@ -339,23 +349,3 @@ class OpsPortMiddleware:
             raise NotFound("only /metrics, /healthz and /readyz are served on the metrics port",
                            {"path": req.path})
 
-
-def install_metrics(app: Any, models: Any, cache: Any = None, metrics_port: int | None = None,
-                    collectors: Iterable[Any] = (), on_main_port: bool = True):
-    """In create_app, in the worker: this process's metrics, the counting middleware, /metrics.
-
-    `collectors` add families read from shared memory at scrape time (app/predlog/metrics.py);
-    `on_main_port` False serves /metrics on `metrics_port` only (SIRA_METRICS_ON_MAIN_PORT).
-    """
-    from app.telemetry.request_metrics import InferenceMetrics, InferenceMetricsMiddleware
-
-    metrics = process_metrics()
-    start_worker_metrics(metrics, models.expected_products, len(models.production), models.generation())
-    inference = InferenceMetrics(metrics, models, cache)
-    for model in models.production.values():
-        inference.start_series_of(model)
-    if metrics_port is not None:
-        app.add_middleware(OpsPortMiddleware(metrics_port))
-    app.add_middleware(InferenceMetricsMiddleware(inference))
-    app.add_route("/metrics", MetricsResource(metrics, collectors, on_main_port, metrics_port))
-    return inference

@@ -32,6 +32,7 @@ from app.telemetry.metrics import (
     Family,
     SiraMetrics,
     multiprocess_dir,
+    start_worker_metrics,
 )
 
 log = logging.getLogger("sira.metrics")
@@ -90,6 +91,7 @@ class HotValueFile:
     """
 
     def __init__(self, folder: str, pid: int):
+        # prometheus_client in functions only, as in app/telemetry/metrics.py: importing it fixes the mode
         from prometheus_client.mmap_dict import MmapedDict
 
         self.counters = MmapedDict(os.path.join(folder, f"counter_{pid}-requests.db"))
@@ -263,6 +265,18 @@ class InferenceMetrics:
             self._outcomes.clear()
             self._errors.clear()
             self._kept = 0
+
+
+def start_inference_metrics(metrics: SiraMetrics, models: Any, cache: Any = None) -> InferenceMetrics:
+    """An HTTP worker's startup (create_app): its gauges set, its counters at 0, and the request path's writers.
+
+    ``models`` is the worker's model table (app/scoring/models.py); each production model's series start at 0.
+    """
+    start_worker_metrics(metrics, models.expected_products, len(models.production), models.generation())
+    inference = InferenceMetrics(metrics, models, cache)
+    for model in models.production.values():
+        inference.start_series_of(model)
+    return inference
 
 
 class InferenceMetricsMiddleware:

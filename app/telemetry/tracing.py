@@ -18,10 +18,16 @@ valid traceparent or the span is sampled; else None, as when tracing is off.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Mapping
 from typing import Any
+
+from conf.settings import ConfigError
+
+# The OpenTelemetry SDK is imported only inside what runs when tracing is on, so that a worker with
+# tracing off never loads it (tests/unit/test_tracing.py checks that).
 
 log = logging.getLogger("sira.tracing")
 
@@ -56,8 +62,6 @@ def tracing_requested(environ: Mapping[str, str]) -> bool:
 
 def tracing_from_environment() -> bool:
     """``tracing_requested`` of this process' environment; a bad value is a ConfigError (exit 2)."""
-    from conf.settings import ConfigError
-
     try:
         return tracing_requested(os.environ)
     except ValueError as exc:
@@ -68,7 +72,7 @@ def open_tracing(enabled: bool, exporter: Any = None) -> Tracing | None:
     """This worker's tracing (call it after the fork), or None when off; ``exporter`` for tests."""
     if not enabled:
         return None
-    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.resources import Resource  # tracing on only (see the imports)
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
@@ -89,9 +93,7 @@ class PhaseTracer:
     unsampled request then costs one context lookup per phase instead of an SDK span each)."""
 
     def __init__(self, sdk_tracer: Any):
-        import contextlib
-
-        from opentelemetry import trace
+        from opentelemetry import trace  # tracing on only (see the imports)
 
         self.sdk_tracer = sdk_tracer
         self._current_span = trace.get_current_span
@@ -124,7 +126,7 @@ class Tracing:
     """
 
     def __init__(self, provider: Any):
-        from opentelemetry import context, trace
+        from opentelemetry import context, trace  # tracing on only (see the imports)
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self.provider = provider
@@ -236,16 +238,6 @@ class TracedCache:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.cache, name)
-
-
-def with_tracing(tracing: Tracing | None, middleware: list) -> list:
-    """The app's middleware list: as given when tracing is off; else the server span first, auth in a span."""
-    if tracing is None:
-        return middleware
-    from app.auth.tokens import AuthMiddleware
-
-    return [tracing] + [TracedAuth(each, tracing.tracer) if isinstance(each, AuthMiddleware) else each
-                        for each in middleware]
 
 
 def traced_cache(cache: Any, tracer: Any) -> TracedCache | None:

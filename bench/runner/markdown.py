@@ -36,7 +36,8 @@ def render(document: dict) -> str:
         names = sorted({job for item in jobs for job in item["server_cpu_us_by_job"]})
         out += ["### Server CPU microseconds per request, by process (closed-loop runs)", ""]
         out += table(["scenario", "target", *names, "all"],
-                     [[item["scenario"], item["target"], *(fmt(item["server_cpu_us_by_job"].get(job), 0) for job in names),
+                     [[item["scenario"], item["target"],
+                       *(fmt(item["server_cpu_us_by_job"].get(job), 0) for job in names),
                        fmt(item["server_cpu_us_per_request"], 0)] for item in jobs]) + [""]
     if document["ratios"]:
         out += ["### SIRA as a ratio to the peers (same run, same model, same request)", ""]
@@ -51,7 +52,8 @@ def render(document: dict) -> str:
                   for g in document["goals"]]) + [""]
     swap = document["swap"]
     if swap:
-        timeline = (f"publish {swap['publish_s']} s, promote {swap['promote_s']} s, `sira reload` {swap['reload_s']} s; "
+        timeline = (f"publish {swap['publish_s']} s, promote {swap['promote_s']} s, "
+                    f"`sira reload` {swap['reload_s']} s; "
                     f"the new model's first answer {fmt(swap['first_new_answer_after_s'])} s and the old one's last "
                     f"{fmt(swap['last_old_answer_after_s'])} s after the publish began; window {swap['window_s']} s.")
         out += [f"### Swap at {swap['rate']} req/s (k6, {swap['seconds']:g} s)", "", timeline, ""]

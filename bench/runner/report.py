@@ -83,7 +83,8 @@ def print_report(document: dict, out: Callable[[str], None] = print) -> None:
         failed = "; ".join(c["name"] for c in item["slo"] if c["pass"] is False)
         out(f"{item['scenario']:<9} {item['target']:<12} {mode_label(item):<21} {fmt(item['rps'], 0):>8} "
             f"{fmt(item['p50_ms']):>7} {fmt(item['p95_ms']):>7} {fmt(item['p99_ms']):>7} {fmt(item['max_ms']):>7} "
-            f"{item['errors']:>6} {fmt(item.get('server_cpu_us_per_request'), 0):>6}  {item['verdict']}{f' ({failed})' if failed else ''}"
+            f"{item['errors']:>6} {fmt(item.get('server_cpu_us_per_request'), 0):>6}  "
+            f"{item['verdict']}{f' ({failed})' if failed else ''}"
             f"{'  dropped ' + str(item['dropped']) if item.get('dropped') else ''}")
     out("(cpu us: the server's CPU time per request in the closed-loop run, its Postgres included)")
     for item in document["results"]:
@@ -124,7 +125,8 @@ def print_sections(document: dict, out: Callable[[str], None]) -> None:
     if memory:
         out(f"\nmemory (dense model {memory['dense_weights_mib']} MiB of weights; PSS in MiB):")
         for item in memory["rows"]:
-            out(f"  {item['model']:<11} {item['route']:<7} {item['workers']} workers  total {item['total_pss_mib']:>7}  "
+            out(f"  {item['model']:<11} {item['route']:<7} {item['workers']} workers  "
+                f"total {item['total_pss_mib']:>7}  "
                 f"per worker {item['per_worker_mib']:>7}  no-model floor {item['floor_mib']:>6}  "
                 f"model cost {item['model_cost_mib']:>7}")
     if document["locust"]:

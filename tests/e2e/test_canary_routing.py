@@ -51,9 +51,9 @@ def production_model_id(server) -> str:
 
 
 def publish(server, path: str, version: str) -> str:
+    spec = write_spec(os.path.dirname(path), demo_spec(), f"{version}.spec.json")
     done = run_sira("models", "publish", path, "--product", PRODUCT, "--version", version,
-                    "--threshold", "0.5", "--spec", write_spec(os.path.dirname(path), demo_spec(), f"{version}.spec.json"),
-                    env=server.env)
+                    "--threshold", "0.5", "--spec", spec, env=server.env)
     assert done.returncode == 0, done.stderr
     return done.stdout.strip()
 
@@ -141,7 +141,8 @@ def test_a_canary_routes_by_bucket_on_every_worker_and_raising_it_keeps_its_even
 
     def compared() -> dict:
         with psycopg.connect(fresh_db) as conn:
-            rows = conn.execute("SELECT model_role, model_id::text, requests FROM compare_canary_performance(%s, %s, %s, 1)",
+            rows = conn.execute("SELECT model_role, model_id::text, requests"
+                                " FROM compare_canary_performance(%s, %s, %s, 1)",
                                 (PRODUCT, canary_id, production_id)).fetchall()
         by_role = {role: (model_id, requests) for role, model_id, requests in rows}
         # every canary answer the metrics counted is in a row (the writer sends at most every 100 ms)
@@ -237,7 +238,8 @@ def test_a_faulty_canary_fails_no_request_and_is_rolled_back(server_factory, fre
     assert "rolled back (error_rate)" in server.log()
     samples = scrape(server.url)
     assert total(samples, "sira_inference_fallbacks_total", model_id=canary_id) == len(fallbacks)
-    assert total(samples, "sira_prediction_errors_total", model_id=canary_id, error_type="MODEL_FAILED") == len(fallbacks)
+    failed = total(samples, "sira_prediction_errors_total", model_id=canary_id, error_type="MODEL_FAILED")
+    assert failed == len(fallbacks)
 
 
 def faulty_model(tmp_path) -> str:
@@ -284,7 +286,8 @@ def test_a_failing_canary_trips_its_breaker_and_failing_again_is_rolled_back(ser
     # only the last round, sent after the rollback, may be plain production answers.
     assert len(answered_before_rollback) >= len(in_force) - 10
     samples = wait_for(lambda: (found := scrape(server.url)) and  # closed again once the canary is stopped
-                       total(found, "sira_canary_breaker_state", model_id=canary_id) == 0 and found, "the breaker closed")
+                       total(found, "sira_canary_breaker_state", model_id=canary_id) == 0 and found,
+                       "the breaker closed")
     assert total(samples, "sira_canary_breaker_opened_total", model_id=canary_id) >= 2  # opened, then again
     assert total(samples, "sira_inference_fallbacks_total", model_id=canary_id) == len(answered_before_rollback)
     log = server.log()

@@ -314,7 +314,8 @@ def read_response(sock: socket.socket) -> tuple[int, bytes]:
             raise ConnectionError(f"closed after {data!r}")
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     while len(body) < length:
         body += sock.recv(65536)
     return int(head.split()[1]), body

@@ -125,7 +125,8 @@ def none_alg_token() -> str:
     def b64(data: dict) -> str:
         return base64.urlsafe_b64encode(json.dumps(data).encode()).rstrip(b"=").decode()
 
-    return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64({'sub': 'x', 'role': 'sira_service', 'exp': int(time.time()) + 600})}."
+    claims = {"sub": "x", "role": "sira_service", "exp": int(time.time()) + 600}
+    return f"{b64({'alg': 'none', 'typ': 'JWT'})}.{b64(claims)}."
 
 
 def raw_post(client, body: bytes, content_type: str = "application/json", **headers):

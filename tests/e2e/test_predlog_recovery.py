@@ -125,6 +125,7 @@ def test_whole_server_sigkilled_three_times_loses_nothing_and_leaks_no_segment(t
     data_dir = str(tmp_path / "data")
     dsn = own_postgres.url
     answered: list[str] = []
+    spool = os.path.join(data_dir, "spool")
     server = new_server(data_dir, dsn, SIRA_QUEUE_RING_BYTES="65536").start(timeout=90)
     try:
         for cycle in range(3):
@@ -136,14 +137,14 @@ def test_whole_server_sigkilled_three_times_loses_nothing_and_leaks_no_segment(t
                 handle.write(f"{os.getpid()}\n")  # the dead master's pid, reused by a live process
             own_postgres.open()
             server = new_server(data_dir, dsn, SIRA_QUEUE_RING_BYTES="65536").start(timeout=90)
-            wait_for(lambda: logged(dsn)[1] == set(answered), f"cycle {cycle}: every answer in Postgres", 120)
+            wait_for(lambda answered=answered: logged(dsn)[1] == set(answered),
+                     f"cycle {cycle}: every answer in Postgres", 120)
             rows, ids = logged(dsn)
             assert rows == len(answered) == len(ids), f"cycle {cycle}: {rows} rows for {len(answered)} answers"
             print(f"cycle {cycle}: {rows} rows in Postgres for {len(answered)} answers")
-            wait_for(lambda: server.segments() == server.segments(server.master_pid),
+            wait_for(lambda server=server: server.segments() == server.segments(server.master_pid),
                      f"cycle {cycle}: the dead instance's segments to go")
             assert not server.segments() & left
-            spool = os.path.join(data_dir, "spool")
             wait_for(lambda: not files_in(os.path.join(spool, "batches")) and
                      not files_in(os.path.join(spool, "overflow")), "the spool and overflow files replayed")
     finally:

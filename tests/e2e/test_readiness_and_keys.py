@@ -53,7 +53,7 @@ def asymmetric_keys(tmp_path):
 def test_rs256_and_es256_tokens_are_accepted_by_their_kid(server_factory, asymmetric_keys, tmp_path):
     keys, files = asymmetric_keys
     server = server_factory(workers=1, JWT_PUBLIC_KEYS=",".join(f"{kid}={path}" for kid, path in files.items()))
-    for kid, algorithm in (("rsa-1", "RS256"), ("ec-1", "ES256")):
+    for kid, _algorithm in (("rsa-1", "RS256"), ("ec-1", "ES256")):
         minted = run_sira("token", "--role", "fraud_analyst", "--sub", "analyst", "--kid", kid,
                           "--private-key", str(tmp_path / f"{kid}.key.pem"), env=server.env)
         assert minted.returncode == 0, minted.stderr

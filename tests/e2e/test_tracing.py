@@ -12,7 +12,6 @@ import time
 import httpx
 import psycopg
 
-from tests.fixtures.otlp import otel_collector, otlp_sink, rotel_collector  # noqa: F401 (fixtures)
 from tests.fixtures.server import bearer
 
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"

@@ -158,7 +158,7 @@ def test_starts_answers_and_leaves_no_process_after_close(new_pgdata):
     assert not is_running(pid)
     server.close()  # idempotent
     with pytest.raises(RuntimeError, match="not open"):
-        server.url
+        _ = server.url
 
 
 def test_second_open_reuses_the_data(pgdata):

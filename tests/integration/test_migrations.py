@@ -312,7 +312,10 @@ def test_canary_config_history_records_every_change_in_order(db):
     history = db.execute("SELECT operation, canary_model_id, production_model_id, canary_percent, mode, updated_by"
                          " FROM sira_canary_config_history ORDER BY history_id").fetchall()
     assert [(op, float(percent), mode, by) for op, _, _, percent, mode, by in history] == [
-        ("INSERT", 10.0, "canary", "ops_ana"), ("UPDATE", 25.0, "canary", "ops_bo"), ("UPDATE", 25.0, "shadow", "ops_bo")]
+        ("INSERT", 10.0, "canary", "ops_ana"),
+        ("UPDATE", 25.0, "canary", "ops_bo"),
+        ("UPDATE", 25.0, "shadow", "ops_bo"),
+    ]
     assert {(c, p) for _, c, p, _, _, _ in history} == {(canary, production)}
     with pytest.raises(errors.RaiseException, match="append-only"):
         db.execute("DELETE FROM sira_canary_config_history")

@@ -198,7 +198,7 @@ def test_records_of_a_killed_producer_are_drained_after_takeover(rings_segment, 
         appended = CONTEXT.Value("q", 0, lock=False)
         producer = processes(produce, name, directory, 0, first, 10_000_000, appended)
         # Resume draining only once it took the slot over, records of the last one waiting.
-        wait_until(lambda: reader.producer()[1] == epoch, consumer)
+        wait_until(lambda epoch=epoch: reader.producer()[1] == epoch, consumer)
         consumer.pause.clear()
         wait_for(appended, 20_000, consumer)
         pause_consumer(consumer)

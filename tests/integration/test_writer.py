@@ -144,7 +144,7 @@ def wait_until(condition, what: str, timeout: float = WAIT_S) -> None:
 
 def is_open(server: EmbeddedPostgres) -> bool:
     try:
-        server.url
+        _ = server.url  # RuntimeError unless the server is open
     except RuntimeError:
         return False
     return True
@@ -277,7 +277,8 @@ def test_writer_killed_mid_stream_twice_loses_and_doubles_nothing(setup):
     try:
         for _ in range(2):
             written = shared.stats.get(Stat.ROWS_WRITTEN)
-            wait_until(lambda: shared.stats.get(Stat.ROWS_WRITTEN) > written + 3000, "rows before the kill")
+            wait_until(lambda written=written: shared.stats.get(Stat.ROWS_WRITTEN) > written + 3000,
+                       "rows before the kill")
             writer.kill()
             writer.start(shared.stats)
     finally:

@@ -141,7 +141,8 @@ def test_valid_hs256_token_with_secret_kid(auth):
 
 def test_valid_rs256_token_with_kid(auth, rsa_old):
     token = mint_token(
-        role="ml_ops", subject="ops-1", ttl_s=60, private_key_pem=private_pem(rsa_old), kid="rsa-2025", algorithm="RS256"
+        role="ml_ops", subject="ops-1", ttl_s=60, private_key_pem=private_pem(rsa_old), kid="rsa-2025",
+        algorithm="RS256",
     )
     assert auth.authenticate(bearer(token)) == Principal("ops-1", frozenset({"ml_ops"}))
 

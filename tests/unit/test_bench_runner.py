@@ -17,10 +17,12 @@ from bench.runner.scenarios import LoadOptions, combine, row
 from bench.runner.swap import split_by_window
 from bench.runner.wrk import parse_wrk
 
-WRK_OUTPUT = """Running 2s test @ http://127.0.0.1:8080/v1/infer
+WRK_JSON = {"requests": 10000, "duration_us": 2000000, "socket_errors": 1, "timeouts": 2, "non2xx": 3, "bytes": 1,
+            "p50_us": 1500, "p90_us": 4000, "p95_us": 5000, "p99_us": 9000, "max_us": 21000, "mean_us": 1800.5}
+WRK_OUTPUT = f"""Running 2s test @ http://127.0.0.1:8080/v1/infer
   2 threads and 32 connections
 Requests/sec:   5000.00
-JSON {"requests": 10000, "duration_us": 2000000, "socket_errors": 1, "timeouts": 2, "non2xx": 3, "bytes": 1, "p50_us": 1500, "p90_us": 4000, "p95_us": 5000, "p99_us": 9000, "max_us": 21000, "mean_us": 1800.5}
+JSON {json.dumps(WRK_JSON)}
 """
 
 

@@ -11,7 +11,6 @@ import threading
 import pytest
 
 from app.store.buckets import (
-    PARTIAL_SUFFIX,
     LocalModelStore,
     ModelIntegrityError,
     ModelObjectMissing,
@@ -24,6 +23,7 @@ from app.store.buckets import (
     storage_key,
     write_verified,
 )
+from conf.datadir import TMP_SUFFIX
 from conf.settings import load_settings
 
 
@@ -124,7 +124,7 @@ def test_concurrent_fetches_of_one_file_do_not_collide(tmp_path, model_file):
         thread.join()
     assert errors == []
     assert digest(dest) == (sha256, size)
-    assert not [name for name in os.listdir(tmp_path / "models") if name.endswith(PARTIAL_SUFFIX)]
+    assert not [name for name in os.listdir(tmp_path / "models") if name.endswith(TMP_SUFFIX)]
 
 
 @pytest.mark.parametrize("key", ["../outside.onnx", "/etc/passwd", "models/../../outside.onnx", "", "models//x",

@@ -1,4 +1,5 @@
-"""app/http/openapi.py and app/http/openapi_schemas.py: the document validates, lists only real routes, and its payload schema is the server's rule.
+"""app/http/openapi.py and app/http/openapi_schemas.py: the document validates, lists only real routes,
+and its payload schema is the server's rule.
 
 The payload schema is generated from a model's feature spec; hypothesis builds payloads around the
 demo model's (valid values, bounds, wrong types, nulls, missing fields, extra fields) and each must

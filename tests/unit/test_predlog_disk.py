@@ -115,7 +115,8 @@ def test_handed_off_objects_decode_by_their_kind(tmp_path):
     spool.append(records)
     (path,) = spool.paths()
     with open(path, "rb") as handle:
-        assert decode_object(f"prediction-spool/inst/batches/{os.path.basename(path)}", handle.read()).records == records
+        decoded = decode_object(f"prediction-spool/inst/batches/{os.path.basename(path)}", handle.read())
+    assert decoded.records == records
     frames = b"".join(len(r).to_bytes(4, "little") + r for r in records)
     found = decode_object("prediction-spool/inst/overflow/x.sealed", frames + b"\x09\0\0\0torn")
     assert found.records == records and found.damaged == b""  # a torn tail was never answered

@@ -63,9 +63,11 @@ def test_sira_config_masks_the_credentials_of_other_urls(url, shown, secrets):
 
 
 @pytest.mark.parametrize("value, shown", [
-    ("host=db port=5432 user=sira password=s3cr3t dbname=sira", "host=db port=5432 user=sira password=**** dbname=sira"),
+    ("host=db port=5432 user=sira password=s3cr3t dbname=sira",
+     "host=db port=5432 user=sira password=**** dbname=sira"),
     ("host=db user=sira password='a b\\'c' dbname=sira", "host=db user=sira password=**** dbname=sira"),
-    ("host=db user=sira sslpassword=k3y sslkey=/k.pem dbname=sira", "host=db user=sira sslpassword=**** sslkey=/k.pem dbname=sira"),
+    ("host=db user=sira sslpassword=k3y sslkey=/k.pem dbname=sira",
+     "host=db user=sira sslpassword=**** sslkey=/k.pem dbname=sira"),
     ("postgresql://sira:pa?ss#w@db/sira", "postgresql://sira:****@db/sira"),  # libpq's userinfo runs to the '@'
     ("https://idp.example/cb#access_token=tok&state=1", "https://idp.example/cb#access_token=****&state=1"),
     ("postgresql://sira:pw@h1:5432,h2:5433/sira?target_session_attrs=read-write",
@@ -160,7 +162,8 @@ def test_a_password_only_in_the_query_is_masked_wherever_a_line_shows_it(log_str
     values = secret_values(settings)
     assert {"q%40long-password", "q@long-password", "s3-token-value-1"} <= set(values)
     stream = log_stream(settings)
-    logging.getLogger("sira.test").error("auth %s / %s / %s", "q%40long-password", "q@long-password", "s3-token-value-1")
+    logging.getLogger("sira.test").error("auth %s / %s / %s",
+                                         "q%40long-password", "q@long-password", "s3-token-value-1")
     assert messages(stream) == [f"auth {MASK} / {MASK} / {MASK}"]
 
 

@@ -1,4 +1,5 @@
-"""workers/registry_snapshot.py: written whole, read back equal; a missing or corrupt one is ignored, with a log line."""
+"""workers/registry_snapshot.py: written whole, read back equal; a missing or corrupt one is ignored,
+with a log line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Secrets from files (conf/secret_files.py), their start checks (conf/settings.py) and their reload (workers/credentials.py)."""
+"""Secrets from files (conf/secret_files.py), their start checks (conf/settings.py) and their reload
+(workers/credentials.py)."""
 
 from __future__ import annotations
 

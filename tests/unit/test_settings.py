@@ -124,7 +124,8 @@ def test_unusable_generated_secret_file_is_an_error(tmp_path):
 def test_configuration_guide_table_is_the_generated_one():
     guide = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "configuration.md")
     with open(guide, encoding="utf-8") as handle:
-        assert markdown_table() in handle.read(), "regenerate it in docs/configuration.md: python -m conf.settings --markdown"
+        documented = handle.read()
+    assert markdown_table() in documented, "regenerate it in docs/configuration.md: python -m conf.settings --markdown"
 
 
 @pytest.mark.parametrize("value", [

@@ -22,7 +22,8 @@ def refusal(env: dict) -> str:
 
 def test_tls_is_off_by_default():
     settings = load_settings({})
-    assert (settings.tls_cert, settings.tls_key, settings.tls_ca, settings.tls_client_auth) == (None, None, None, "none")
+    tls = (settings.tls_cert, settings.tls_key, settings.tls_ca, settings.tls_client_auth)
+    assert tls == (None, None, None, "none")
     assert gunicorn_tls_options(settings.tls_cert, settings.tls_key, settings.tls_ca, settings.tls_client_auth) == {}
     assert settings.header_timeout_s == 10.0 and settings.body_timeout_s == 10.0
 

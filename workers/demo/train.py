@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from conf.datadir import write_atomically
+
 DEMO_DIR = Path(__file__).resolve().parent
 MODEL_FILE = "fraud_score.onnx"
 SPEC_FILE = "fraud_score.spec.json"
@@ -349,17 +351,11 @@ def train(out_dir: str | os.PathLike = DEMO_DIR, n_rows: int = DEFAULT_ROWS,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model_path, spec_path = out / MODEL_FILE, out / SPEC_FILE
-    _write_atomically(model_path, model_bytes)
-    _write_atomically(spec_path, (json.dumps(spec, indent=2) + "\n").encode())
+    write_atomically(str(model_path), model_bytes, 0o644)
+    write_atomically(str(spec_path), json.dumps(spec, indent=2) + "\n", 0o644)
     return TrainReport(model_path, spec_path, n_rows, float(y.mean()), auc, threshold,
                        precision, recall, onnx_gap)
 
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Writes through a temporary file and a rename, so a reader never sees half a model."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
