@@ -48,7 +48,7 @@ log = logging.getLogger("sira.master")
 
 # A stop takes at most: this (in-flight requests finish) + the arbiter's STOP_TIMEOUT_S (the writer's
 # drain, and its handoff to the bucket). deploy/k8s's terminationGracePeriodSeconds covers both and
-# the preStop sleep; tests/integration/test_deploy.py computes it from these constants.
+# the preStop sleep; tests/integration/test_deploy_k8s.py computes it from these constants.
 GRACEFUL_TIMEOUT_S = 30
 
 # Signals that stop a worker. One that arrives while a worker boots (before its event loop runs)
