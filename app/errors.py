@@ -45,6 +45,12 @@ class NotFound(ApiError):
     status, code = 404, "NOT_FOUND"
 
 
+class PredictionArchived(ApiError):
+    """The prediction's day left Postgres for the bucket (`sira predictions archive`)."""
+
+    status, code = 410, "PREDICTION_ARCHIVED"
+
+
 class ModelNotFound(ApiError):
     status, code = 404, "MODEL_NOT_FOUND"
 

@@ -31,6 +31,7 @@ import uuid
 import orjson
 import psycopg
 
+from app.ids import new_prediction_id
 from app.predlog.log import PredictionLog, PredictionLogConfig, Stat, stat_cells
 from shm.counters import CounterBlock
 from shm.ring import QueueRings
@@ -43,7 +44,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def answer() -> dict:
     """A response body like app.http.infer's, with a two-feature explanation."""
-    return {"prediction_id": str(uuid.uuid4()), "model_id": "6f1c3f7e-2d1b-4c55-9a47-7d2f0c1e9b10",
+    return {"prediction_id": new_prediction_id(), "model_id": "6f1c3f7e-2d1b-4c55-9a47-7d2f0c1e9b10",
             "model_role": "production", "score": 0.123456789, "decision": "allow",
             "explain_summary": [{"feature": "amount", "importance": 0.4123},
                                 {"feature": "hour_of_day", "importance": -0.1}],

@@ -179,8 +179,19 @@ def parse_ring_bytes(value: str) -> int:
     return number
 
 
+KEY_PREFIX = r"([A-Za-z0-9_][A-Za-z0-9._-]*/)+"  # segments of letters, digits, '.', '_', '-', each ending in '/'
+
+
 def parse_key_prefix(value: str) -> str:
     """An object key prefix ending in '/' (segments of letters, digits, '.', '_', '-'), or '' for off."""
-    if value and not re.fullmatch(r"([A-Za-z0-9_][A-Za-z0-9._-]*/)+", value):
+    if value and not re.fullmatch(KEY_PREFIX, value):
         raise ValueError(f"empty (off) or a key prefix such as prediction-spool/, got {value!r}")
     return value
+
+
+def parse_required_key_prefix(value: str) -> str:
+    """An object key prefix ending in '/', never empty."""
+    if not re.fullmatch(KEY_PREFIX, value):
+        raise ValueError(f"a key prefix such as prediction-archive/, got {value!r}")
+    return value
+

@@ -30,6 +30,7 @@ from conf.parsers import (
     parse_positive_int,
     parse_public_keys,
     parse_ratio,
+    parse_required_key_prefix,
     parse_ring_bytes,
     parse_switch,
     parse_timeout_s,
@@ -143,6 +144,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("SIRA_SPOOL_HANDOFF_PREFIX", "prediction-spool/", parse_key_prefix,
             "With MODEL_BUCKET: a writer that stops while Postgres is away uploads its spool and overflow files "
             "under this prefix of the bucket, and any instance replays them once Postgres answers (empty: off)."),
+    Setting("SIRA_ARCHIVE_PREFIX", "prediction-archive/", parse_required_key_prefix,
+            "Where `sira predictions archive` puts each archived day of the prediction log in the model store "
+            "(MODEL_BUCKET, else $SIRA_DATA_DIR/store): <prefix><YYYY-MM-DD>/part-NNNN.parquet and .manifest.json."),
     Setting("SIRA_WRITER_BATCH_ROWS", "5000", parse_bounded_int(1, 100_000),
             "Most prediction rows the writer sends to Postgres in one COPY and commit."),
     Setting("SIRA_WRITER_LINGER_MS", "100", parse_bounded_int(0, 1000),
@@ -223,6 +227,7 @@ class Settings:
     queue_ring_bytes: int
     spool_max_bytes: int
     spool_handoff_prefix: str
+    archive_prefix: str
     writer_batch_rows: int
     writer_linger_ms: int
     canary_budget_ms: float

@@ -15,6 +15,7 @@ import logging
 import psycopg
 
 from app.db import connect
+from app.predlog.partitions import ensure_partitions
 from app.store import registry
 from app.store.buckets import ModelStore, ModelStoreUnavailable
 from workers.migrate import apply_migrations
@@ -29,9 +30,11 @@ UNREACHABLE = (psycopg.OperationalError, ModelStoreUnavailable)
 
 
 def prepare_database(dsn: str, store: ModelStore) -> None:
-    """Apply the pending migrations, then register the demo model if the registry is empty."""
+    """Apply the pending migrations, make the prediction log's coming day partitions, then register
+    the demo model if the registry is empty."""
     apply_migrations(dsn)
     with connect(dsn, "bootstrap") as conn:
+        ensure_partitions(conn)
         ensure_demo_model(conn, store)
 
 

@@ -1,4 +1,5 @@
-"""The `sira` command: serve, migrate, token, reload, config, models (workers/models_cli.py).
+"""The `sira` command: serve, migrate, token, reload, config, models (workers/models_cli.py), predictions
+(workers/predictions_cli.py).
 
 Exit codes: 0 done, 1 failed, 2 usage or configuration error (printed as one line before anything
 starts).
@@ -22,6 +23,7 @@ from conf.parsers import parse_bind, parse_bounded_int
 from conf.settings import ConfigError, Settings, effective_values, load_settings
 from workers.cli_usage import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from workers.models_cli import add_models_parser, command_models
+from workers.predictions_cli import add_predictions_parser, command_predictions
 
 log = logging.getLogger("sira.cli")
 
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     add_models_parser(commands)
+    add_predictions_parser(commands)
     return parser
 
 
@@ -231,6 +234,7 @@ COMMANDS = {
     "reload": command_reload,
     "config": command_config,
     "models": command_models,
+    "predictions": command_predictions,
 }
 
 

@@ -25,7 +25,8 @@ import time
 
 import psycopg
 
-from app.db import connect_async
+from app.db import connect, connect_async
+from app.predlog.partitions import ENSURE_EVERY_S, ensure_partitions
 from app.store.buckets import ModelStore, open_model_store
 from app.telemetry.metrics import count_canary_rollback
 from conf.datadir import MODELS_DIR, SUPERVISOR_PIDFILE, data_path
@@ -79,7 +80,7 @@ class ModelSupervisor(ModelSync):
         self.registry.take_over()  # the master's view of the dependencies; gauges from now on
         await self.load_checker.start_waiting_check()
         await self.warm_up_store()
-        jobs = [self.sync_forever, self.listen_forever, self.watch_parent]
+        jobs = [self.sync_forever, self.listen_forever, self.watch_parent, self.keep_partitions_ahead]
         if self.canary_watch is not None:
             jobs.append(self.watch_canaries)
         if self.metrics_windows is not None:
@@ -181,6 +182,21 @@ class ModelSupervisor(ModelSync):
                 await asyncio.to_thread(windows.write, self.dsn)
             except psycopg.Error as exc:  # kept for the next window
                 log.warning("cannot write %d inference metrics rows now: %s", len(windows.pending), one_line(exc))
+
+    async def keep_partitions_ahead(self) -> None:
+        """The prediction log's coming day partitions, every ENSURE_EVERY_S (app/predlog/partitions.py)."""
+        while True:
+            try:
+                made = await asyncio.to_thread(self._ensure_partitions)
+                if made:
+                    log.info("made %d day partitions of the prediction log", made)
+            except psycopg.Error as exc:  # rows still land, in the default partition; tried again later
+                log.warning("cannot make the prediction log's coming partitions now: %s", one_line(exc))
+            await asyncio.sleep(ENSURE_EVERY_S)
+
+    def _ensure_partitions(self) -> int:
+        with connect(self.dsn, "supervisor") as conn:
+            return ensure_partitions(conn)
 
     async def roll_back(self, verdict: RollbackVerdict) -> None:
         """Stop the canary in Postgres (every instance follows its NOTIFY), log and count it."""

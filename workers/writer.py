@@ -3,7 +3,7 @@
 Loop (asyncio on uvloop; Postgres through ``app/predlog/sink.py``):
 
 1. Take a batch from the rings (up to ``SIRA_WRITER_BATCH_ROWS`` records, every slot in turn).
-2. Postgres reachable: COPY it and ``INSERT ... ON CONFLICT (prediction_id) DO NOTHING``,
+2. Postgres reachable: COPY it and ``INSERT ... ON CONFLICT (prediction_id, created_at) DO NOTHING``,
    commit. Postgres away: write it to the spool (``app/predlog/spool.py``, fsynced). Only
    then advance the rings' read positions. A writer killed in between re-sends at most that batch,
    and the insert is idempotent, so nothing is lost and nothing doubled.

@@ -2,22 +2,41 @@
 
 A prediction that has not reached Postgres yet is found where it waits (this or another worker's
 ring, an overflow file, the writer's spool: ``PredictionLog.find_unwritten``); only then is
-Postgres asked, through the worker's pool. A malformed id is 400, an unknown one 404 NOT_FOUND,
-Postgres unreachable 503.
+Postgres asked, through the worker's pool. A UUIDv7 id names the moment it was made, and its row's
+created_at follows within the request: the query bounds created_at to ``ID_WINDOW`` around it, so
+Postgres reads one day partition (two within minutes of midnight). An id of a day archived to the
+bucket answers 410 PREDICTION_ARCHIVED naming the day and the object. A malformed id is 400, an
+unknown one 404 NOT_FOUND, Postgres unreachable 503.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 
 from app.db import Database
-from app.errors import InvalidRequest, NotFound
+from app.errors import InvalidRequest, NotFound, PredictionArchived
+from app.ids import id_time_ms
 from app.predlog.log import created_at_text
 
-SELECT_PREDICTION = (
-    "SELECT prediction_id::text, model_id::text, event_id, product, score, decision, explanation, "
-    "latency_ms, model_role, cached, request_id, created_at, trace_id "
-    "FROM siramodel_predictions WHERE prediction_id = %s")
+COLUMNS = ("prediction_id::text, model_id::text, event_id, product, score, decision, explanation, "
+           "latency_ms, model_role, cached, request_id, created_at, trace_id")
+SELECT_PREDICTION = (f"SELECT {COLUMNS} FROM siramodel_predictions "
+                     "WHERE prediction_id = %s AND created_at >= %s AND created_at < %s")
+SELECT_PREDICTION_ANY_TIME = f"SELECT {COLUMNS} FROM siramodel_predictions WHERE prediction_id = %s"  # uuid4 ids
+# (day, store, object key) of the given days that went to the bucket (app/predlog/archive.py) and stayed
+ARCHIVED_DAYS_SQL = ("SELECT day, store, object_key FROM sira_prediction_archives "
+                     "WHERE day = ANY(%s) AND restored_at IS NULL ORDER BY day, part")
+ID_WINDOW = dt.timedelta(minutes=5)  # created_at is stamped within the request that made the id
+
+
+def id_time_window(prediction_id: str) -> tuple[dt.datetime, dt.datetime] | None:
+    """Where a UUIDv7 id's created_at lies; None for ids of older releases (uuid4), which carry no time."""
+    made_ms = id_time_ms(prediction_id)
+    if made_ms is None:
+        return None
+    made = dt.datetime.fromtimestamp(made_ms / 1000.0, dt.UTC)
+    return made - ID_WINDOW, made + ID_WINDOW
 
 
 def canonical_prediction_id(value: str) -> str:
@@ -65,15 +84,38 @@ class PredictionResource:
         if row is None:
             row = await self.find_in_database(prediction_id)
         if row is None:
+            await self.refuse_archived(prediction_id)
             raise NotFound(f"no prediction {prediction_id}", {"prediction_id": prediction_id})
         resp.media = prediction_json(row)
 
     async def find_in_database(self, prediction_id: str) -> dict | None:
+        window = id_time_window(prediction_id)
         async with self.database.connection() as conn:
-            cursor = await conn.execute(SELECT_PREDICTION, (prediction_id,))
+            if window is None:
+                cursor = await conn.execute(SELECT_PREDICTION_ANY_TIME, (prediction_id,))
+            else:
+                cursor = await conn.execute(SELECT_PREDICTION, (prediction_id, *window))
             row = await cursor.fetchone()
         if row is None:
             return None
         columns = ("prediction_id", "model_id", "event_id", "product", "score", "decision",
                    "explanation", "latency_ms", "model_role", "cached", "request_id", "created_at", "trace_id")
         return dict(zip(columns, row))
+
+    async def refuse_archived(self, prediction_id: str) -> None:
+        """PredictionArchived when the id's day was archived (and not restored); else nothing."""
+        window = id_time_window(prediction_id)
+        if window is None:
+            return
+        days = sorted({window[0].date(), window[1].date()})
+        async with self.database.connection() as conn:
+            cursor = await conn.execute(ARCHIVED_DAYS_SQL, (days,))
+            archived = await cursor.fetchall()
+        if archived:
+            day = archived[0][0]
+            objects = [f"{store}/{object_key}" for found_day, store, object_key in archived if found_day == day]
+            raise PredictionArchived(
+                f"prediction {prediction_id} was archived with its day {day} to {objects[0]}"
+                + (f" and {len(objects) - 1} later part(s)" if len(objects) > 1 else "")
+                + f"; `sira predictions restore {day}` brings the day back",
+                {"prediction_id": prediction_id, "day": day.isoformat(), "object": objects[0], "objects": objects})

@@ -109,6 +109,8 @@ def op_get_prediction() -> dict:
             "400": error_response("INVALID_REQUEST: not a UUID."),
             **AUTH_ERRORS,
             "404": error_response("NOT_FOUND: no such prediction."),
+            "410": error_response("PREDICTION_ARCHIVED: the prediction's day was archived to the bucket; details "
+                                  "name the day and the object (`sira predictions restore DAY` brings it back)."),
             "503": error_response("SERVICE_UNAVAILABLE: Postgres cannot be reached."),
         },
     }

@@ -9,7 +9,7 @@ once the bucket holds it whole (its sha256 travels with the upload and S3 checks
 
 Any writer of any instance replays the handed-off objects once Postgres answers: it lists the
 prefix and, for each object, takes a Postgres advisory lock named after the key (so two pods never
-replay one object at once), inserts the records idempotently (``ON CONFLICT (prediction_id) DO
+replay one object at once), inserts the records idempotently (``ON CONFLICT (prediction_id, created_at) DO
 NOTHING``: a replay interrupted after its commit and repeated lands nothing twice), commits, and
 deletes the object. The local model store (no MODEL_BUCKET) has no handoff: its spool stays in the
 data dir, which on one machine is what outlives the process.

@@ -71,6 +71,9 @@ class ModelStore(Protocol):
     def put_file(self, path: str) -> tuple[str, str, int]:
         """Store a model file (idempotent); returns (key, sha256, size)."""
 
+    def put_as(self, key: str, path: str) -> tuple[str, int]:
+        """Store a file under key, replacing what was there; returns (sha256, size)."""
+
     def exists(self, key: str) -> bool:
         """Whether an object is stored under key."""
 
@@ -169,6 +172,12 @@ class LocalModelStore:
             install_verified(path, self.object_path(key), sha256, size)
         return key, sha256, size
 
+    def put_as(self, key: str, path: str) -> tuple[str, int]:
+        """Store a file under ``key`` (an archive), replacing what was there; returns (sha256, size)."""
+        sha256, size = sha256_of(path)
+        install_verified(path, self.object_path(key), sha256, size)
+        return sha256, size
+
     def exists(self, key: str) -> bool:
         return os.path.isfile(self.object_path(key))
 
@@ -266,6 +275,22 @@ class S3ModelStore:
             raise ModelIntegrityError(f"{self.describe()}: {key} was uploaded with {size} bytes but the store "
                                       f"holds {None if stored is None else stored.get('ContentLength')}")
         return key, sha256, size
+
+    def put_as(self, key: str, path: str) -> tuple[str, int]:
+        """Upload a file under ``key`` (an archive, of any size: multipart when large); returns (sha256, size).
+
+        Its sha256 rides along as metadata; the archive fetches the object back to check it.
+        """
+        from boto3.exceptions import S3UploadFailedError
+
+        check_key(key)
+        sha256, size = sha256_of(path)
+        try:
+            with self._translated_errors(f"uploading {path} to {key}"):
+                self.client.upload_file(path, self.bucket, key, ExtraArgs={"Metadata": {"sha256": sha256}})
+        except S3UploadFailedError as exc:  # boto3's transfer wraps the ClientError in its own
+            raise ModelStoreUnavailable(f"{self.describe()}: uploading {path} to {key}: {exc}") from exc
+        return sha256, size
 
     def exists(self, key: str) -> bool:
         return self._head(check_key(key)) is not None

@@ -92,7 +92,7 @@ def test_every_sira_subcommand_and_flag_exists():
     assert {tuple(command[1:2]) for _, command in invocations} >= {("migrate",), ("token",), ("reload",),
                                                                ("config",), ("models",)}
     for block, command in invocations:
-        sub = tuple(command[1:3]) if command[1:2] == ["models"] else tuple(command[1:2])
+        sub = tuple(command[1:3]) if command[1:2] in (["models"], ["predictions"]) else tuple(command[1:2])
         help_text = sira_help(sub)
         assert help_text is not None, f"{block.where()}: `sira {' '.join(sub)}` is not a sira subcommand"
         for flag in (word.split("=", 1)[0] for word in command if word.startswith("--")):

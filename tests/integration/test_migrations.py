@@ -211,16 +211,20 @@ def test_prediction_log_refuses_update_delete_and_truncate(db):
 def test_prediction_log_takes_a_replayed_batch_once_through_copy_and_on_conflict(db):
     model = insert_model(db)
     already = insert_prediction(db, model)
-    batch = [(already, "evt-1"), (uuid.uuid4(), "evt-2"), (uuid.uuid4(), "evt-3")]
+    (made,) = db.execute("SELECT created_at FROM siramodel_predictions WHERE prediction_id = %s",
+                         (already,)).fetchone()
+    # a replayed record carries the created_at it was made with: it meets its first copy
+    batch = [(already, "evt-1", made), (uuid.uuid4(), "evt-2", made), (uuid.uuid4(), "evt-3", made)]
     for _ in range(2):  # the second pass is the replay of the same spool
         with db.transaction():
             db.execute("CREATE TEMP TABLE incoming (LIKE siramodel_predictions INCLUDING DEFAULTS) ON COMMIT DROP")
             with db.cursor().copy("COPY incoming (prediction_id, event_id, product, model_id, model_role, score,"
-                                  " decision) FROM STDIN") as copy:
-                for prediction_id, event_id in batch:
-                    copy.write_row((prediction_id, event_id, "fraud_score", model, "canary", 0.5, "review"))
+                                  " decision, created_at) FROM STDIN") as copy:
+                for prediction_id, event_id, created_at in batch:
+                    copy.write_row((prediction_id, event_id, "fraud_score", model, "canary", 0.5, "review",
+                                    created_at))
             db.execute("INSERT INTO siramodel_predictions SELECT * FROM incoming"
-                       " ON CONFLICT (prediction_id) DO NOTHING")
+                       " ON CONFLICT (prediction_id, created_at) DO NOTHING")
     rows = db.execute("SELECT prediction_id, model_role FROM siramodel_predictions").fetchall()
     assert sorted(rows) == sorted([(already, "production"), (batch[1][0], "canary"), (batch[2][0], "canary")])
 

@@ -71,6 +71,10 @@ def test_defaults_match_the_documented_table():
     ({"SIRA_CANARY_MAX_ERROR_RATIO": "inf"}, "SIRA_CANARY_MAX_ERROR_RATIO"),
     ({"SIRA_CANARY_MAX_LATENCY_RATIO": "nan"}, "SIRA_CANARY_MAX_LATENCY_RATIO"),
     ({"SIRA_CANARY_MAX_LATENCY_RATIO": "x1.3"}, "SIRA_CANARY_MAX_LATENCY_RATIO"),
+    ({"SIRA_ARCHIVE_PREFIX": ""}, "SIRA_ARCHIVE_PREFIX"),
+    ({"SIRA_ARCHIVE_PREFIX": "archive"}, "SIRA_ARCHIVE_PREFIX"),
+    ({"SIRA_ARCHIVE_PREFIX": "../archive/"}, "SIRA_ARCHIVE_PREFIX"),
+    ({"SIRA_ARCHIVE_PREFIX": "/abs/"}, "SIRA_ARCHIVE_PREFIX"),
 ])
 def test_bad_value_is_one_line_naming_the_variable(env, variable):
     with pytest.raises(ConfigError) as caught:
