@@ -34,6 +34,7 @@ class AppConfig:
     authenticator: Any  # app.auth.tokens.Authenticator
     max_body_bytes: int = 1_048_576
     batch_max: int = 256
+    outcomes_batch_max: int = 1000
     cache_segment: str | None = None  # the master's prediction cache (app/scoring/cache.py); None: off
     database_url: str | None = None  # the workers' lazily opened pool (app/db.py); None: admin API answers 503
     prediction_log: Any = None  # app.predlog.log.PredictionLogConfig (rings, spool); None: predictions not logged

@@ -19,10 +19,17 @@ role (app/auth/tokens.py), never knowledge of its id.
 """
 from __future__ import annotations
 
+import datetime as dt
 import re
 
 from uuid_utils import uuid7
 
+# The names a client gives: a product, and its own id of a payment event (printable, 1 to EVENT_ID_MAX).
+PRODUCT_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+EVENT_ID_MAX = 128
+
+# A prediction's created_at is stamped within the request that made its id (app/predlog/log.py).
+CREATED_AT_WINDOW = dt.timedelta(minutes=5)
 _V7_TEXT = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 
@@ -38,3 +45,18 @@ def id_time_ms(prediction_id: str | bytes) -> int | None:
     if _V7_TEXT.fullmatch(prediction_id) is None:
         return None
     return int(prediction_id[:8] + prediction_id[9:13], 16)
+
+
+def id_time_window(prediction_id: str) -> tuple[dt.datetime, dt.datetime] | None:
+    """Where a UUIDv7 prediction's created_at lies (so a query reads one day partition); None for ids
+    of older releases (uuid4), which carry no time."""
+    made_ms = id_time_ms(prediction_id)
+    if made_ms is None:
+        return None
+    made = dt.datetime.fromtimestamp(made_ms / 1000.0, dt.UTC)
+    return made - CREATED_AT_WINDOW, made + CREATED_AT_WINDOW
+
+
+def is_event_id(value: object) -> bool:
+    """Whether ``value`` is an event id a client may give."""
+    return type(value) is str and 0 < len(value) <= EVENT_ID_MAX and value.isprintable()

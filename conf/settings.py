@@ -113,6 +113,8 @@ SETTINGS: tuple[Setting, ...] = (
             "anyone; off: only to a request with a valid token (any role), and without one a generic payload. A "
             "fraud model's inputs are what a fraudster wants to learn."),
     Setting("SIRA_BATCH_MAX", "256", parse_bounded_int(1, 10_000), "Most events in one POST /v1/infer/batch."),
+    Setting("SIRA_OUTCOMES_BATCH_MAX", "1000", parse_bounded_int(1, 10_000),
+            "Most outcomes (fraud or legit labels of events) in one POST /v1/outcomes."),
     Setting("SIRA_MAX_BODY_BYTES",
             "1048576", parse_bounded_int(1024, 64 * 1024 * 1024), "Largest request body accepted (413 above)."),
     Setting("SIRA_KEEPALIVE_S", "5", parse_bounded_int(0, 3600), "Seconds an idle keep-alive connection stays open."),
@@ -176,6 +178,18 @@ SETTINGS: tuple[Setting, ...] = (
             " an error)."),
     Setting("SIRA_CANARY_MAX_LATENCY_RATIO", "1.3", parse_ratio,
             "Roll the canary back when its p95 model latency in the window exceeds this many times production's."),
+    Setting("SIRA_CANARY_FP_WINDOW_H", "168", parse_bounded_int(1, 8760),
+            "Hours of predictions (by their time, not their labels') over which the outcomes judge a canary "
+            "(fp_rate_threshold)."),
+    Setting("SIRA_CANARY_MIN_LABELLED", "100", parse_bounded_int(1, 100_000_000),
+            "Labelled predictions the canary and production must each have in that window before the outcomes "
+            "judge the canary."),
+    Setting("SIRA_CANARY_MAX_FP_RATIO", "1.5", parse_ratio,
+            "Roll the canary back (fp_rate_threshold) when the false-positive rate of its blocks exceeds this many "
+            "times production's and is at least one percentage point above it."),
+    Setting("SIRA_CANARY_MAX_BLOCK_RATIO", "2.0", parse_ratio,
+            "Roll the canary back (decision_shift) when its block rate in the window (blocks over the events it "
+            "answered) exceeds this many times production's and is at least one percentage point above it."),
     Setting("SIRA_RATE_LIMITS", "", parse_rate_limits,
             "Requests per token subject and role, shared by every worker of the host: comma-separated ROLE=N/second,"
             " ROLE=N/minute, ROLE=N/hour or ROLE=unlimited. Roles not named keep their defaults: fraud_analyst, "
@@ -215,6 +229,7 @@ class Settings:
     metrics_on_main_port: bool
     openapi_feature_specs: bool
     batch_max: int
+    outcomes_batch_max: int
     max_body_bytes: int
     keepalive_s: int
     header_timeout_s: float
@@ -239,6 +254,10 @@ class Settings:
     canary_min_requests: int
     canary_max_error_ratio: float
     canary_max_latency_ratio: float
+    canary_max_block_ratio: float
+    canary_fp_window_h: int
+    canary_min_labelled: int
+    canary_max_fp_ratio: float
     rate_limits: RateLimits
 
     def replace(self, **changes: Any) -> Settings:

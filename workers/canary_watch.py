@@ -4,14 +4,37 @@ Every ``CHECK_S`` the supervisor reads the host's model stats block (shm/model_s
 worker counted per model and role) and keeps the readings of the last ``SIRA_CANARY_WINDOW_S``.
 The difference between the newest and the oldest reading is the window. A canary (or shadow)
 model is rolled back when, in the window, it served at least ``SIRA_CANARY_MIN_REQUESTS`` requests
-and production as many, and either
+and production as many, and one of these rules holds (judged in this order; the first that holds is
+the reason logged):
 
-- its error rate is above ``SIRA_CANARY_MAX_ERROR_RATIO`` times production's and it had at least
-  one error (so a canary that fails where production never does is rolled back), or
-- its p95 latency is above ``SIRA_CANARY_MAX_LATENCY_RATIO`` times production's, both measured
-  as the model's own run time per event (a batch's run divided by its events), so that parsing,
-  queueing and the other model of a batch do not blur the comparison; cache hits run no model and
-  are left out, a canary's failed runs too.
+- ``error_rate``: its error rate is above ``SIRA_CANARY_MAX_ERROR_RATIO`` times production's and it
+  had at least one error (so a canary that fails where production never does is rolled back);
+- ``latency_p95``: its p95 latency is above ``SIRA_CANARY_MAX_LATENCY_RATIO`` times production's,
+  both measured as the model's own run time per event (a batch's run divided by its events), so
+  that parsing, queueing and the other model of a batch do not blur the comparison; cache hits run
+  no model and are left out, a canary's failed runs too;
+- ``decision_shift``: its block rate is above ``SIRA_CANARY_MAX_BLOCK_RATIO`` times production's
+  *and* at least ``MIN_BLOCK_RATE_SHIFT`` (one percentage point) above it, so that a ratio of tiny
+  rates (0.2% against 0.05%) does not trip it. Decisions are known when an event is scored: the
+  rule needs no fraud labels and judges as soon as both sides have enough answers.
+
+A block rate is the block decisions over the events the model answered with a decision (allow,
+review or block; ``ModelFigures.decisions``), not over ``requests``: a failed request has no
+decision (production answers it, ``fallback``), so counting it would dilute the canary's rate by its
+failures while production's hardly has any. Cache hits are in: the cache is keyed by model, so a
+hit repeats that model's own decision on the event, on both sides alike. Both sides need
+``SIRA_CANARY_MIN_REQUESTS`` answered events for this rule.
+
+The order goes from the plainest fault to the subtlest: a canary that fails is rolled back for its
+failures (its failed events have no decision, so its block rate is read on a biased part of its
+events), a slow one for its slowness; a shift of decisions is judged on a canary that runs
+correctly and fast enough. A canary that breaks several rules gets one rollback, with the first
+reason; the figures logged hold every side's error rate, p95 and block rate all the same.
+
+In canary mode the two sides answer different events, split by the keyed hash of their ids (the
+same mix of traffic, give or take chance and what a client steers: docs/canary.md). A shadow scores
+the very events production answers, each after its answer left, so for a shadow the comparison is
+paired event by event: a shift of block rates is the model's, never the traffic's.
 
 Latency is compared like with like: plain runs with plain runs, explained runs (occlusion: one
 extra row per feature off its baseline) with explained runs, each only when both sides have
@@ -37,7 +60,7 @@ from collections.abc import Callable
 from shm import breakers
 from shm.control import ProductEntry
 from shm.counters import CounterBlock
-from shm.model_stats import ModelFigures, read_model_figures
+from shm.model_stats import DECISIONS, ModelFigures, read_model_figures
 
 log = logging.getLogger("sira.supervisor")
 
@@ -50,6 +73,13 @@ class RollbackRules:
     min_requests: int = 100
     max_error_ratio: float = 1.5
     max_latency_ratio: float = 1.3
+    max_block_ratio: float = 2.0
+
+
+# The decision_shift rule also wants the canary's block rate this far above production's (an absolute
+# difference of rates: 0.01 is one percentage point), so that a ratio of tiny rates (2 blocks in 1000
+# against 1 in 2000) never rolls a canary back on its own.
+MIN_BLOCK_RATE_SHIFT = 0.01
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +92,8 @@ class BreakerRules:
 
 @dataclasses.dataclass(frozen=True)
 class RollbackVerdict:
-    """A canary to roll back: which, why (``error_rate`` or ``latency_p95``) and the figures."""
+    """A canary to roll back: which, why (``error_rate``, ``latency_p95``, ``decision_shift`` or
+    ``circuit_breaker``) and the figures."""
 
     product: str
     canary_model_id: str
@@ -71,15 +102,30 @@ class RollbackVerdict:
 
 
 RUN_KINDS = (("plain", False), ("explained", True))
+BLOCK = DECISIONS.index("block")
+
+
+def answered(figures: ModelFigures) -> int:
+    """Events the model answered with a decision (runs and cache hits; failures have none)."""
+    return sum(figures.decisions)
+
+
+def block_rate(figures: ModelFigures) -> float:
+    """Block decisions over the events answered with a decision; 0 without any."""
+    total = answered(figures)
+    return figures.decisions[BLOCK] / total if total else 0.0
 
 
 def figures_json(figures: ModelFigures) -> dict:
-    """The figures a rollback logs: totals, then the runs of each kind the latency rule compares."""
+    """The figures a rollback logs: totals, the runs of each kind the latency rule compares, and the
+    decisions the decision_shift rule compares."""
     by_kind = {kind: figures.runs(explained) for kind, explained in RUN_KINDS}
     return {"requests": figures.requests, "errors": figures.errors, "error_rate": round(figures.error_rate, 6),
             "model_runs": figures.scored, "p95_ms": figures.latency_quantile_ms(0.95),
             **{kind: {"model_runs": runs.scored, "p95_ms": runs.latency_quantile_ms(0.95)}
-               for kind, runs in by_kind.items()}}
+               for kind, runs in by_kind.items()},
+            "answered": answered(figures), "decisions": dict(zip(DECISIONS, figures.decisions)),
+            "block_rate": round(block_rate(figures), 6)}
 
 
 def judge(canary: ModelFigures, production: ModelFigures, rules: RollbackRules) -> str | None:
@@ -90,6 +136,8 @@ def judge(canary: ModelFigures, production: ModelFigures, rules: RollbackRules) 
         return "error_rate"
     if any(slower(canary.runs(explained), production.runs(explained), rules) for _, explained in RUN_KINDS):
         return "latency_p95"
+    if blocks_more(canary, production, rules):
+        return "decision_shift"
     return None
 
 
@@ -98,6 +146,17 @@ def slower(canary: ModelFigures, production: ModelFigures, rules: RollbackRules)
     if min(canary.scored, production.scored) < max(rules.min_requests, 1):
         return False
     return canary.latency_quantile_ms(0.95) > rules.max_latency_ratio * production.latency_quantile_ms(0.95)
+
+
+def blocks_more(canary: ModelFigures, production: ModelFigures, rules: RollbackRules) -> bool:
+    """The canary's block rate above the ratio times production's and at least MIN_BLOCK_RATE_SHIFT
+    above it, with enough answers on both sides."""
+    if min(answered(canary), answered(production)) < max(rules.min_requests, 1):
+        return False
+    canary_rate, production_rate = block_rate(canary), block_rate(production)
+    # rounded: 0.03 - 0.02 is 0.00999... in floating point, and a shift of exactly one point counts
+    return (canary_rate > rules.max_block_ratio * production_rate
+            and round(canary_rate - production_rate, 9) >= MIN_BLOCK_RATE_SHIFT)
 
 
 class CanaryWatch:
@@ -153,7 +212,8 @@ class CanaryWatch:
                 found.append(RollbackVerdict(product, entry.canary.model_id, reason, {
                     "window_s": self.rules.window_s,
                     "canary": figures_json(canary), "production": figures_json(production),
-                    "thresholds": dataclasses.asdict(self.rules), "mode": entry.mode,
+                    "thresholds": {**dataclasses.asdict(self.rules), "min_block_rate_shift": MIN_BLOCK_RATE_SHIFT},
+                    "mode": entry.mode,
                     "production_model_id": entry.production.model_id,
                 }))
         return found

@@ -1,5 +1,5 @@
 """The `sira` command: serve, migrate, token, reload, config, models (workers/models_cli.py), predictions
-(workers/predictions_cli.py).
+(workers/predictions_cli.py), outcomes (workers/outcomes_cli.py).
 
 Exit codes: 0 done, 1 failed, 2 usage or configuration error (printed as one line before anything
 starts).
@@ -23,6 +23,7 @@ from conf.parsers import parse_bind, parse_bounded_int
 from conf.settings import ConfigError, Settings, effective_values, load_settings
 from workers.cli_usage import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 from workers.models_cli import add_models_parser, command_models
+from workers.outcomes_cli import add_outcomes_parser, command_outcomes
 from workers.predictions_cli import add_predictions_parser, command_predictions
 
 log = logging.getLogger("sira.cli")
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_models_parser(commands)
     add_predictions_parser(commands)
+    add_outcomes_parser(commands)
     return parser
 
 
@@ -235,6 +237,7 @@ COMMANDS = {
     "config": command_config,
     "models": command_models,
     "predictions": command_predictions,
+    "outcomes": command_outcomes,
 }
 
 

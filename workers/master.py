@@ -221,6 +221,7 @@ def serve(settings: Settings, dsn: str) -> None:
         authenticator=build_authenticator(settings),
         max_body_bytes=settings.max_body_bytes,
         batch_max=settings.batch_max,
+        outcomes_batch_max=settings.outcomes_batch_max,
         cache_segment=cache_segment_name(instance_id, settings.cache_max_items),
         model_stats_segment=model_stats_segment,
         canary_budget_ms=settings.canary_budget_ms,

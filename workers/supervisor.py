@@ -35,6 +35,7 @@ from conf.settings import Settings
 from shm.control import ControlBlock
 from shm.counters import CounterBlock
 from workers.arbiter import Sidecar
+from workers.canary_outcomes import FpRules, fp_verdicts
 from workers.canary_watch import CHECK_S, BreakerRules, CanaryWatch, RollbackRules, RollbackVerdict
 from workers.metrics_windows import METRICS_CUT_FILE, MetricsWindows, next_boundary
 from workers.model_sync import ModelSync
@@ -57,9 +58,11 @@ class ModelSupervisor(ModelSync):
 
     def __init__(self, control: ControlBlock, store: ModelStore, dsn: str, models_dir: str,
                  stats_path: str, poll_interval_s: float, canary_watch: CanaryWatch | None = None,
-                 metrics_windows: MetricsWindows | None = None, bootstrap_pending: bool = False):
+                 metrics_windows: MetricsWindows | None = None, bootstrap_pending: bool = False,
+                 fp_rules: FpRules | None = None):
         super().__init__(control, store, dsn, models_dir, stats_path, canary_watch, metrics_windows,
                          bootstrap_pending)
+        self.fp_rules = fp_rules  # the outcomes' rule (workers/canary_outcomes.py); None: off
         self.poll_interval_s = poll_interval_s
         retry_cap_s = min(SYNC_RETRY_MAX_S, poll_interval_s)
         self.sync_backoff = Backoff(min(RETRY_FIRST_S, retry_cap_s), retry_cap_s)  # workers/retry.py
@@ -86,6 +89,8 @@ class ModelSupervisor(ModelSync):
         if self.metrics_windows is not None:
             self.metrics_windows.remember_products(self.control.read_table()[1])
             jobs.append(self.write_metrics_windows)
+            if self.canary_watch is not None and self.fp_rules is not None:
+                jobs.append(self.judge_outcomes)
         tasks = [asyncio.create_task(job()) for job in jobs]
         stopping = asyncio.create_task(self._stopping.wait())
         try:
@@ -183,6 +188,19 @@ class ModelSupervisor(ModelSync):
             except psycopg.Error as exc:  # kept for the next window
                 log.warning("cannot write %d inference metrics rows now: %s", len(windows.pending), one_line(exc))
 
+    async def judge_outcomes(self) -> None:
+        """At every metrics window boundary, the canaries the outcomes condemn (fp_rate_threshold)."""
+        while True:
+            await asyncio.sleep(max(0.0, next_boundary(time.time(), self.metrics_windows.window_s) - time.time()))
+            table = self.control.read_table()[1]
+            try:
+                verdicts = await asyncio.to_thread(fp_verdicts, self.dsn, table, self.fp_rules)
+            except psycopg.Error as exc:  # judged again at the next boundary
+                log.warning("cannot judge the canaries by their outcomes now: %s", one_line(exc))
+                continue
+            for verdict in verdicts:
+                await self.roll_back(verdict)
+
     async def keep_partitions_ahead(self) -> None:
         """The prediction log's coming day partitions, every ENSURE_EVERY_S (app/predlog/partitions.py)."""
         while True:
@@ -227,7 +245,8 @@ class ModelSupervisor(ModelSync):
 def run_supervisor(store: ModelStore, dsn: str, control_segment: str, models_dir: str,
                    stats_path: str, poll_interval_s: float, model_stats_segment: str | None = None,
                    rollback_rules: RollbackRules | None = None, metrics_window_s: float = 60.0,
-                   bootstrap_pending: bool = False, breaker_rules: BreakerRules | None = None) -> int:
+                   bootstrap_pending: bool = False, breaker_rules: BreakerRules | None = None,
+                   fp_rules: FpRules | None = None) -> int:
     """The sidecar's entry point, in the child the master forked; returns the exit code."""
     import uvloop
 
@@ -244,7 +263,7 @@ def run_supervisor(store: ModelStore, dsn: str, control_segment: str, models_dir
         windows = MetricsWindows(model_stats, metrics_window_s,
                                  os.path.join(os.path.dirname(stats_path), METRICS_CUT_FILE)) if model_stats else None
         supervisor = ModelSupervisor(control, store, dsn, models_dir, stats_path, poll_interval_s, watch, windows,
-                                     bootstrap_pending)
+                                     bootstrap_pending, fp_rules)
         return uvloop.run(supervisor.run())
     finally:
         control.close()
@@ -257,10 +276,16 @@ def breaker_rules(settings: Settings) -> BreakerRules:
                         cooldown_s=settings.breaker_cooldown_s)
 
 
+def fp_rules(settings: Settings) -> FpRules:
+    return FpRules(window_h=settings.canary_fp_window_h, min_labelled=settings.canary_min_labelled,
+                   max_ratio=settings.canary_max_fp_ratio)
+
+
 def rollback_rules(settings: Settings) -> RollbackRules:
     return RollbackRules(window_s=settings.canary_window_s, min_requests=settings.canary_min_requests,
                          max_error_ratio=settings.canary_max_error_ratio,
-                         max_latency_ratio=settings.canary_max_latency_ratio)
+                         max_latency_ratio=settings.canary_max_latency_ratio,
+                         max_block_ratio=settings.canary_max_block_ratio)
 
 
 def supervisor_sidecar(settings: Settings, dsn: str, control_segment: str,
@@ -275,6 +300,6 @@ def supervisor_sidecar(settings: Settings, dsn: str, control_segment: str,
                               data_path(settings.data_dir, MODELS_DIR),
                               data_path(settings.data_dir, STATS_FILE), settings.model_poll_interval_s,
                               model_stats_segment, rollback_rules(settings), settings.metrics_window_s,
-                              bootstrap_pending, breaker_rules(settings))
+                              bootstrap_pending, breaker_rules(settings), fp_rules(settings))
 
     return Sidecar("supervisor", run, data_path(settings.data_dir, SUPERVISOR_PIDFILE), forward_hup=True)

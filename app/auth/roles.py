@@ -26,6 +26,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "models:write": frozenset({"ml_ops"}),
     "canary:read": frozenset({"ml_ops", "pay_admin"}),
     "canary:write": frozenset({"ml_ops"}),
+    "outcomes:write": frozenset({"sira_service", "fraud_analyst"}),
 }
 REQUIRED_ROLES = {action: sorted(roles) for action, roles in PERMISSIONS.items()}
 

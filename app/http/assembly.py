@@ -23,6 +23,7 @@ from app.http.lookup import PredictionResource
 from app.http.middleware import RequestIdMiddleware
 from app.http.models_api import ModelInfoResource, ModelPromoteResource, ModelsResource
 from app.http.openapi import DocsResource, OpenApiResource
+from app.http.outcomes_api import OutcomesResource
 from app.predlog.log import PredictionLog, open_prediction_log
 from app.predlog.metrics import PredictionLogCollector
 from app.scoring.cache import PredictionCache
@@ -148,12 +149,13 @@ def create_app(config: AppConfig, worker_slot: int | None = None) -> falcon.asgi
     app.add_route("/v1/canary/{product}", CanaryProductResource(database))
     app.add_route("/v1/canary/{product}/stop", CanaryStopResource(database))
     app.add_route("/v1/infer/{prediction_id}", PredictionResource(prediction_log, database))
+    app.add_route("/v1/outcomes", OutcomesResource(database, config.outcomes_batch_max))
     # SIRA_METRICS_ON_MAIN_PORT off: /metrics on METRICS_BIND's port only
     app.add_route("/metrics", MetricsResource(metrics, shared_figures, config.metrics_on_main_port,
                                               config.metrics_port))
     # the document describes the routes the app has when it is asked, with the served payloads
     app.add_route("/openapi.json", OpenApiResource(app, config.batch_max, models, token,
-                                                   config.openapi_feature_specs))
+                                                   config.openapi_feature_specs, config.outcomes_batch_max))
     app.add_route("/docs", DocsResource())
     return app
 

@@ -17,7 +17,8 @@ import logging
 from app.db import Database
 from app.errors import Conflict, InvalidRequest, ModelNotFound, NotFound
 from app.http.models_api import iso_utc
-from app.http.requests import PRODUCT_PATTERN, read_json_object
+from app.http.requests import read_json_object
+from app.ids import PRODUCT_PATTERN
 from app.store import canary_config
 from app.store.canary_config import CanaryConfig
 

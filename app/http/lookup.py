@@ -3,7 +3,7 @@
 A prediction that has not reached Postgres yet is found where it waits (this or another worker's
 ring, an overflow file, the writer's spool: ``PredictionLog.find_unwritten``); only then is
 Postgres asked, through the worker's pool. A UUIDv7 id names the moment it was made, and its row's
-created_at follows within the request: the query bounds created_at to ``ID_WINDOW`` around it, so
+created_at follows within the request: the query bounds created_at to ``CREATED_AT_WINDOW`` around it, so
 Postgres reads one day partition (two within minutes of midnight). An id of a day archived to the
 bucket answers 410 PREDICTION_ARCHIVED naming the day and the object. A malformed id is 400, an
 unknown one 404 NOT_FOUND, Postgres unreachable 503.
@@ -11,12 +11,11 @@ unknown one 404 NOT_FOUND, Postgres unreachable 503.
 
 from __future__ import annotations
 
-import datetime as dt
 import uuid
 
 from app.db import Database
 from app.errors import InvalidRequest, NotFound, PredictionArchived
-from app.ids import id_time_ms
+from app.ids import id_time_window
 from app.predlog.log import created_at_text
 
 COLUMNS = ("prediction_id::text, model_id::text, event_id, product, score, decision, explanation, "
@@ -27,16 +26,6 @@ SELECT_PREDICTION_ANY_TIME = f"SELECT {COLUMNS} FROM siramodel_predictions WHERE
 # (day, store, object key) of the given days that went to the bucket (app/predlog/archive.py) and stayed
 ARCHIVED_DAYS_SQL = ("SELECT day, store, object_key FROM sira_prediction_archives "
                      "WHERE day = ANY(%s) AND restored_at IS NULL ORDER BY day, part")
-ID_WINDOW = dt.timedelta(minutes=5)  # created_at is stamped within the request that made the id
-
-
-def id_time_window(prediction_id: str) -> tuple[dt.datetime, dt.datetime] | None:
-    """Where a UUIDv7 id's created_at lies; None for ids of older releases (uuid4), which carry no time."""
-    made_ms = id_time_ms(prediction_id)
-    if made_ms is None:
-        return None
-    made = dt.datetime.fromtimestamp(made_ms / 1000.0, dt.UTC)
-    return made - ID_WINDOW, made + ID_WINDOW
 
 
 def canonical_prediction_id(value: str) -> str:

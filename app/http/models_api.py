@@ -15,7 +15,8 @@ from typing import Protocol
 
 from app.db import Database
 from app.errors import Conflict, InvalidRequest, ModelNotFound
-from app.http.requests import PRODUCT_PATTERN, read_json_object
+from app.http.requests import read_json_object
+from app.ids import PRODUCT_PATTERN
 from app.store import registry
 from app.store.registry import RegistryModel
 from shm.model_stats import ModelFigures

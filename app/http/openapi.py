@@ -29,8 +29,9 @@ import orjson
 from app.http.docs import DOCS_HTML
 from app.http.health import OptionalToken
 from app.http.openapi_ops import op_docs, op_healthz, op_metrics, op_openapi, op_readyz, ops_schemas
+from app.http.openapi_outcomes import op_post_outcomes, outcomes_schemas
 from app.http.openapi_schemas import JSON, error_response, json_response, ref, schemas
-from app.http.requests import PRODUCT_PATTERN
+from app.ids import PRODUCT_PATTERN
 from app.store.registry import PROMOTION_TARGETS, STATUSES
 
 log = logging.getLogger("sira.openapi")
@@ -246,6 +247,7 @@ OPERATIONS: dict[tuple[str, str], Callable[[], dict]] = {
     ("/v1/canary", "POST"): op_set_canary,
     ("/v1/canary/{product}", "GET"): op_get_canary,
     ("/v1/canary/{product}/stop", "POST"): op_stop_canary,
+    ("/v1/outcomes", "POST"): op_post_outcomes,
     ("/healthz", "GET"): op_healthz,
     ("/readyz", "GET"): op_readyz,
     ("/metrics", "GET"): op_metrics,
@@ -260,7 +262,8 @@ def app_routes(app: falcon.asgi.App) -> set[tuple[str, str]]:
             for method in route.methods if not method.internal}
 
 
-def build_document(routes: set[tuple[str, str]], batch_max: int = 256, specs: dict[str, Any] | None = None) -> dict:
+def build_document(routes: set[tuple[str, str]], batch_max: int = 256, specs: dict[str, Any] | None = None,
+                   outcomes_batch_max: int = 1000) -> dict:
     """The document of the given routes that OPERATIONS describes, with the served products' payloads.
 
     `specs` None: the public document, with a generic payload and no example that names a feature.
@@ -288,7 +291,7 @@ def build_document(routes: set[tuple[str, str]], batch_max: int = 256, specs: di
                                "token (`sira token --role ROLE --sub NAME` mints one)."}},
             "headers": {"RequestId": {"required": True, "description": "The request's id, also in every log line.",
                                       "schema": {"type": "string"}}},
-            "schemas": {**schemas(batch_max, specs), **ops_schemas()},
+            "schemas": {**schemas(batch_max, specs), **ops_schemas(), **outcomes_schemas(outcomes_batch_max)},
         },
     }
 
@@ -302,9 +305,10 @@ class OpenApiResource:
     """
 
     def __init__(self, app: falcon.asgi.App, batch_max: int, models: Any = None,
-                 token: OptionalToken | None = None, specs_public: bool = False):
+                 token: OptionalToken | None = None, specs_public: bool = False, outcomes_batch_max: int = 1000):
         self.app = app
         self.batch_max = batch_max
+        self.outcomes_batch_max = outcomes_batch_max
         self.models = models  # app.scoring.models.ModelTable: the served products and their feature specs
         self.token = token  # None: no authenticator, so only the setting shows the specs
         self.specs_public = specs_public
@@ -323,14 +327,15 @@ class OpenApiResource:
 
     def public(self) -> bytes:
         if self._public_body is None:
-            self._public_body = orjson.dumps(build_document(self.routes(), self.batch_max))
+            self._public_body = orjson.dumps(build_document(self.routes(), self.batch_max,
+                                                            outcomes_batch_max=self.outcomes_batch_max))
         return self._public_body
 
     def with_specs(self) -> bytes:
         served = self.served_models()
         if self._body is None or served != self._built_for:
             specs = {product: self.models.production[product].spec for product, _, _ in served}
-            self._body = orjson.dumps(build_document(self.routes(), self.batch_max, specs))
+            self._body = orjson.dumps(build_document(self.routes(), self.batch_max, specs, self.outcomes_batch_max))
             self._built_for = served
         return self._body
 

@@ -13,7 +13,8 @@ from __future__ import annotations
 from typing import Any
 
 from app.errors import ApiError
-from app.http.requests import EVENT_ID_MAX, PRODUCT_PATTERN, TIMEOUT_MS_MAX
+from app.http.requests import TIMEOUT_MS_MAX
+from app.ids import EVENT_ID_MAX, PRODUCT_PATTERN
 from app.scoring.features import MAX_CATEGORY_LENGTH
 from app.store.canary_config import MODES, PERCENT_MAX
 from app.store.registry import STATUSES

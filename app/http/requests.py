@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import math
-import re
 
 import falcon
 
 from app.errors import ApiError, InvalidRequest, PayloadTooLarge, UnsupportedMediaType
+from app.ids import EVENT_ID_MAX, PRODUCT_PATTERN, is_event_id
 
-PRODUCT_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
-EVENT_ID_MAX = 128
 TIMEOUT_MS_MAX = 60_000
 OPTION_KEYS = frozenset({"include_explanation", "enable_cache", "timeout_ms"})
 
@@ -55,7 +53,7 @@ async def read_json_object(req: falcon.asgi.Request, max_bytes: int) -> dict:
 def parse_infer_request(body: dict, path: str = "") -> InferRequest:
     """Check the envelope of an infer request; the payload itself is checked by the model's spec."""
     event_id = body.get("event_id")
-    if type(event_id) is not str or not 0 < len(event_id) <= EVENT_ID_MAX or not event_id.isprintable():
+    if not is_event_id(event_id):
         raise InvalidRequest(f"event_id must be a printable string of 1 to {EVENT_ID_MAX} characters",
                              {"field": path + "event_id"})
     product = body.get("product")

@@ -32,7 +32,8 @@ from tests.fixtures.waiting import wait_for
 PRODUCT = "fraud_score"
 BATCH = 250
 # Routing tests judge the router, not the model: a canary slower than the demo trees stays in.
-NO_ROLLBACK = {"SIRA_CANARY_MAX_LATENCY_RATIO": "1000"}
+# Routing tests: their random canary blocks every event, and may be slower; no rule may roll it back.
+NO_ROLLBACK = {"SIRA_CANARY_MAX_LATENCY_RATIO": "1000", "SIRA_CANARY_MIN_REQUESTS": "100000000"}
 
 
 def event(event_id: str | None = None, amount: float | None = None) -> dict:

@@ -49,7 +49,7 @@ parameters = {{ model_id = "{model_id}" }}
 ROUTES = {  # what app/http/assembly.py serves today; the document must describe each
     "/v1/infer": {"post"}, "/v1/infer/batch": {"post"}, "/v1/infer/{prediction_id}": {"get"},
     "/v1/models": {"get"}, "/v1/models/{model_id}": {"get"}, "/v1/models/{model_id}/promote": {"post"},
-    "/v1/canary": {"post"},
+    "/v1/canary": {"post"}, "/v1/outcomes": {"post"},
     "/v1/canary/{product}": {"get"}, "/v1/canary/{product}/stop": {"post"}, "/healthz": {"get"},
     "/readyz": {"get"}, "/metrics": {"get"}, "/openapi.json": {"get"}, "/docs": {"get"},
 }

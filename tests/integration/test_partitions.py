@@ -16,8 +16,8 @@ import psycopg
 import pytest
 from uuid_utils import uuid7
 
-from app.http.lookup import SELECT_PREDICTION, id_time_window
-from app.ids import new_prediction_id
+from app.http.lookup import SELECT_PREDICTION
+from app.ids import id_time_window, new_prediction_id
 from app.predlog.log import encode_record
 from app.predlog.sink import PostgresSink
 from app.store.buckets import LocalModelStore

@@ -46,6 +46,7 @@ ROUTES = {
     ("/v1/canary", "POST"),
     ("/v1/canary/{product}", "GET"),
     ("/v1/canary/{product}/stop", "POST"),
+    ("/v1/outcomes", "POST"),
     ("/metrics", "GET"),
     ("/openapi.json", "GET"),
     ("/docs", "GET"),

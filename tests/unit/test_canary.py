@@ -20,7 +20,7 @@ from shm.model_stats import (
     read_model_figures,
     stats_cells,
 )
-from workers.canary_watch import CanaryWatch, RollbackRules, judge
+from workers.canary_watch import MIN_BLOCK_RATE_SHIFT, CanaryWatch, RollbackRules, block_rate, judge
 
 PROD, CANARY = str(uuid.uuid4()), str(uuid.uuid4())
 
@@ -160,6 +160,78 @@ def test_judge_compares_explained_runs_only_with_explained_runs():
     assert judge(figures(1000, latency_ms=1.0, explained=400), figures(1000, explained=300), RULES) == "latency_p95"
 
 
+def deciding(requests: int, blocks: int, errors: int = 0, **kwargs) -> ModelFigures:
+    """Window figures whose answered events (requests less errors) are ``blocks`` blocks, the rest allowed."""
+    result = figures(requests, errors=errors, **kwargs)
+    result.decisions[:] = [requests - errors - blocks, 0, blocks]
+    return result
+
+
+def test_decision_shift_rolls_back_a_canary_blocking_three_times_as_often():
+    assert MIN_BLOCK_RATE_SHIFT == 0.01
+    assert judge(deciding(1000, blocks=60), deciding(1000, blocks=20), RULES) == "decision_shift"  # 6% vs 2%
+    assert judge(deciding(100, blocks=3), deciding(100, blocks=0), RULES) == "decision_shift"  # production blocks none
+    # shadow-sized sides, each at exactly SIRA_CANARY_MIN_REQUESTS answers
+    assert judge(deciding(100, blocks=30), deciding(100, blocks=10), RULES) == "decision_shift"
+
+
+def test_decision_shift_needs_enough_answers_on_both_sides():
+    assert judge(deciding(99, blocks=60), deciding(1000, blocks=20), RULES) is None
+    assert judge(deciding(1000, blocks=600), deciding(99, blocks=1), RULES) is None
+    # Enough requests, but failures answer nothing: 99 answers on the canary's side are too few
+    # (production, which failed too, keeps the error rule quiet).
+    assert judge(deciding(200, blocks=60, errors=101), deciding(1000, blocks=10, errors=600), RULES) is None
+
+
+def test_decision_shift_tolerates_a_canary_within_the_ratio():
+    assert judge(deciding(1000, blocks=39), deciding(1000, blocks=20), RULES) is None  # 1.95 times
+    assert judge(deciding(1000, blocks=40), deciding(1000, blocks=20), RULES) is None  # twice: not above
+    assert judge(deciding(1000, blocks=41), deciding(1000, blocks=20), RULES) == "decision_shift"
+    assert judge(deciding(1000, blocks=5), deciding(1000, blocks=200), RULES) is None  # blocking less is no shift
+    looser = RollbackRules(window_s=60, min_requests=100, max_block_ratio=5.0)
+    assert judge(deciding(1000, blocks=60), deciding(1000, blocks=20), looser) is None
+
+
+def test_decision_shift_ignores_a_shift_under_one_percentage_point():
+    # 0.2% against 0.05%: four times production's, but 0.15 points
+    canary, production = deciding(10_000, blocks=20), deciding(20_000, blocks=10)
+    assert (block_rate(canary), block_rate(production)) == (0.002, 0.0005)
+    assert judge(canary, production, RULES) is None
+    assert judge(deciding(1000, blocks=9), deciding(1000, blocks=0), RULES) is None  # 0.9% against none
+    assert judge(deciding(1000, blocks=10), deciding(1000, blocks=0), RULES) == "decision_shift"  # one point
+    # exactly one point above (1.5% against 0.5%, 0.00999... in floating point) is enough
+    assert judge(deciding(1000, blocks=15), deciding(1000, blocks=5), RULES) == "decision_shift"
+    assert judge(deciding(1000, blocks=30), deciding(1000, blocks=20), RULES) is None  # a point above, 1.5 times
+
+
+def test_block_rates_are_over_answered_events_not_requests():
+    # 40 blocks in 600 answers (6.7%) against 21 in 700 (3%): 2.2 times. Over requests, failures
+    # included, it would be 4% against 2.1%, under the ratio: the canary's failures would hide its shift.
+    canary, production = deciding(1000, blocks=40, errors=400), deciding(1000, blocks=21, errors=300)
+    assert judge(canary, production, RollbackRules(window_s=60, min_requests=100, max_error_ratio=1.5)) == \
+        "decision_shift"
+
+
+def test_error_and_latency_rules_come_before_decision_shift():
+    shifted, production = dict(requests=1000, blocks=100), deciding(1000, blocks=10)
+    assert judge(deciding(**shifted, errors=20), production, RULES) == "error_rate"
+    assert judge(deciding(**shifted, latency_ms=5.0), production, RULES) == "latency_p95"
+    assert judge(deciding(**shifted), production, RULES) == "decision_shift"
+
+
+def test_cache_hits_count_in_the_block_rate_and_failures_do_not(block, writer):
+    counting = writer(0)
+    canary = counting.counters(CANARY, "canary")
+    canary.answered(0.0003, "block")
+    canary.answered(None, "block")  # a cache hit: the canary's own decision on the event
+    canary.answered(0.0003, "allow")
+    canary.answered(0.0003, "review")
+    canary.failed()  # production answered it: no decision of the canary's
+    figures_read = read_model_figures(block)[(CANARY, "canary")]
+    assert (figures_read.requests, figures_read.decisions) == (5, [1, 1, 2])
+    assert block_rate(figures_read) == 0.5
+
+
 def test_plain_and_explained_runs_are_counted_apart(block, writer):
     counting = writer(1)
     for _ in range(4):
@@ -207,6 +279,28 @@ def test_the_watch_judges_the_window_and_forgets_what_is_older(block, writer):
     assert verdict.figures["canary"]["errors"] == 20
     stopped = {"fraud_score": ProductEntry("fraud_score", slot(PROD), slot(CANARY), canary_bp=0)}
     assert watch.verdicts(stopped) == []  # a stopped canary is not judged
+
+
+@pytest.mark.parametrize("mode, role", [("canary", "canary"), ("shadow", "shadow")])
+def test_a_decision_shift_verdict_logs_both_block_rates(block, writer, mode, role):
+    now = [0.0]
+    watch = CanaryWatch(block, RollbackRules(window_s=10, min_requests=20), clock=lambda: now[0])
+    counting = writer(1)
+    table = {"fraud_score": ProductEntry("fraud_score", slot(PROD), slot(CANARY), canary_bp=5000, mode=mode)}
+    watch.observe()
+    for index in range(40):  # production blocks 1 in 20, the canary 1 in 4
+        counting.counters(PROD, "production").answered(0.0003, "block" if index % 20 == 0 else "allow")
+        counting.counters(CANARY, role).answered(0.0003, "block" if index % 4 == 0 else "review")
+    now[0] = 1.0
+    watch.observe()
+    (verdict,) = watch.verdicts(table)
+    assert (verdict.reason, verdict.canary_model_id) == ("decision_shift", CANARY)
+    canary, production = verdict.figures["canary"], verdict.figures["production"]
+    assert (canary["block_rate"], production["block_rate"]) == (0.25, 0.05)
+    assert canary["decisions"] == {"allow": 0, "review": 30, "block": 10} and canary["answered"] == 40
+    assert production["decisions"] == {"allow": 38, "review": 0, "block": 2}
+    assert verdict.figures["thresholds"]["max_block_ratio"] == 2.0
+    assert verdict.figures["thresholds"]["min_block_rate_shift"] == MIN_BLOCK_RATE_SHIFT
 
 
 def test_metrics_windows_cut_the_counts_between_boundaries(block, writer, tmp_path):
