@@ -27,10 +27,10 @@ from app.scoring.runs import (
     ModelFailed,
     RunStopped,
     check_deadline,
+    fail_over,
     over_budget,
     past_deadline,
     prediction,
-    report_model_failure,
     request_deadline,
     routed_model,
     run_model,
@@ -92,14 +92,13 @@ class InferResource:
                 body["fallback"] = True
                 count_fallbacks(request.product, skipped.model_id)
         except ModelFailed as exc:
-            report_model_failure(model, str(exc))
-            if model.role != "canary":
+            if not fail_over(model, self.counters_of(model), str(exc)):
                 raise model_failed(request.product) from None
             model = req.context.model = production_model(self.models, request.product)
             try:
                 body = self.answer(model, request, started)
             except ModelFailed as again:
-                report_model_failure(model, str(again))
+                fail_over(model, self.counters_of(model), str(again))  # production's: the event's end
                 raise model_failed(request.product) from None
             body["fallback"] = True
         if self.tracer is None:
@@ -110,9 +109,13 @@ class InferResource:
         if shadow is not None:
             resp.schedule(partial(self.score_shadow, shadow, request, req.context.request_id))
 
+    def counters_of(self, model: ServingModel):
+        return self.model_stats.counters(model.model_id, model.role)
+
     def answer(self, model: ServingModel, request: InferRequest, started: float) -> dict:
-        """The model's answer to the event, from the cache or a run; counted in the model stats."""
-        counters = self.model_stats.counters(model.model_id, model.role)
+        """The model's answer to the event, from the cache or a run; counted in the model stats.
+        ModelFailed: the caller applies the failure rule (app/scoring/runs.py fail_over)."""
+        counters = self.counters_of(model)
         row = model.row
         model.spec.build_row(request.payload, row)
         cache = self.cache if request.enable_cache else None
@@ -132,17 +135,13 @@ class InferResource:
             else:
                 with self.tracer.start_as_current_span("score"):
                     score, explanation = run_model(model, row, request.include_explanation, stop_at)
-        except ModelFailed:
-            counters.failed()
-            raise
         except RunStopped:
             if past_deadline(request, started):
                 raise timed_out(request) from None
-            counters.failed()  # stopped at the canary's budget, before the request's deadline
+            # stopped at the canary's budget, before the request's deadline
             raise ModelFailed(over_budget(perf_counter() - run_started, self.canary_budget_s)) from None
         run_s = perf_counter() - run_started  # the model's own time: comparable across roles
         if run_s > self.canary_budget_s and model.role == "canary":
-            counters.failed()
             raise ModelFailed(over_budget(run_s, self.canary_budget_s))
         check_deadline(request, started)
         if cache is not None:
@@ -161,12 +160,10 @@ class InferResource:
             run_started = perf_counter()
             score, explanation = run_model(model, row, False, run_started + self.canary_budget_s)
         except RunStopped:
-            counters.failed()
-            report_model_failure(model, over_budget(perf_counter() - run_started, self.canary_budget_s))
+            fail_over(model, counters, over_budget(perf_counter() - run_started, self.canary_budget_s))
             return
         except (ModelFailed, ApiError) as exc:
-            counters.failed()
-            report_model_failure(model, str(exc))
+            fail_over(model, counters, str(exc))
             return
         run_s = perf_counter() - run_started
         answer = prediction(model, score, explanation, started)

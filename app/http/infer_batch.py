@@ -30,10 +30,10 @@ from app.scoring.runs import (
     DEFAULT_CANARY_BUDGET_S,
     ModelFailed,
     RunStopped,
+    fail_over,
     over_budget,
     past_deadline,
     prediction,
-    report_model_failure,
     routed_model,
     run_model_rows,
     run_stop_time,
@@ -203,27 +203,17 @@ class BatchInferResource:
             if deadline is not None and perf_counter() >= deadline:
                 answer_timed_out(items, results, request_id)
                 return
-            for _ in items:  # stopped at the canary's budget, before the events' deadlines
-                counters.failed()
-            report_model_failure(model, over_budget((perf_counter() - run_started) / len(items), self.canary_budget_s,
-                                                    " per event"), len(items))
-            self.fall_back_to_production(model.product, items, results, started, request_id)
+            # stopped at the canary's budget, before the events' deadlines
+            reason = over_budget((perf_counter() - run_started) / len(items), self.canary_budget_s, " per event")
+            self.group_failed(model, counters, items, results, started, request_id, reason)
             return
         except ModelFailed as exc:
-            for _ in items:
-                counters.failed()
-            report_model_failure(model, str(exc), len(items))
-            if model.role == "canary":
-                self.fall_back_to_production(model.product, items, results, started, request_id)
-            else:
-                self.answer_unavailable(model.product, items, results, request_id)
+            self.group_failed(model, counters, items, results, started, request_id, str(exc))
             return
         run_s = (perf_counter() - run_started) / len(items)  # the model's time per event of the group
         if run_s > self.canary_budget_s and model.role == "canary":
-            for _ in items:
-                counters.failed()
-            report_model_failure(model, over_budget(run_s, self.canary_budget_s, " per event"), len(items))
-            self.fall_back_to_production(model.product, items, results, started, request_id)
+            reason = over_budget(run_s, self.canary_budget_s, " per event")
+            self.group_failed(model, counters, items, results, started, request_id, reason)
             return
         for position, (index, request, _) in enumerate(items):
             if past_deadline(request, started):
@@ -232,6 +222,15 @@ class BatchInferResource:
             explanation = explanations[position] if explanations and request.include_explanation else []
             results[index] = answer = prediction(model, float(scores[position]), explanation, started)
             counters.answered(run_s, answer["decision"], explain)  # one run: explained for every row
+
+    def group_failed(self, model: ServingModel, counters, items: list, results: list, started: float,
+                     request_id: str, reason: str) -> None:
+        """The failure rule (app/scoring/runs.py fail_over) for a group: a canary's events go to
+        production, marked fallback; production's get an error entry each."""
+        if fail_over(model, counters, reason, len(items)):
+            self.fall_back_to_production(model.product, items, results, started, request_id)
+        else:
+            self.answer_unavailable(model.product, items, results, request_id)
 
     def fall_back_to_production(self, product: str, items: list, results: list, started: float,
                                 request_id: str) -> None:
@@ -278,13 +277,11 @@ class BatchInferResource:
                 budget_s = self.canary_budget_s * len(requests)
                 scores, _ = run_model_rows(model, rows, False, run_started + budget_s)
             except (ModelFailed, ApiError, RunStopped) as exc:
-                for _ in requests:
-                    counters.failed()
                 reason = str(exc)
                 if isinstance(exc, RunStopped):  # run_started is set: the run was under way
                     reason = over_budget((perf_counter() - run_started) / len(requests), self.canary_budget_s,
                                          " per event")
-                report_model_failure(model, reason, len(requests))
+                fail_over(model, counters, reason, len(requests))
                 continue
             run_s = (perf_counter() - run_started) / len(requests)
             for position, request in enumerate(requests):

@@ -15,7 +15,8 @@ Deadlines (app/scoring/deadlines.py): a run is stopped where it stands when the 
 shadow's run when its budget does (a failure, as above).
 
 Here: the model an event meets, a model run with its stop time (``run_model``, ``run_model_rows``),
-the failure rule and its reporting, the deadline checks, and the answer body (``prediction``).
+the failure rule (``fail_over``: the one place both resources decide what a failure means), the
+deadline checks, and the answer body (``prediction``).
 """
 
 from __future__ import annotations
@@ -96,13 +97,22 @@ def run_model_rows(model: ServingModel, rows, explain: bool,
     return scores, explanations
 
 
-def report_model_failure(model: ServingModel, reason: str, events: int = 1) -> None:
-    """Log a model's failure; a canary's or shadow's is also counted (a production failure is a 503,
-    which the request metrics count). A failed canary's events fall back to production."""
+def fail_over(model: ServingModel, counters, reason: str, events: int = 1) -> bool:
+    """The one failure rule of the scoring path, whatever failed (an error, a run stopped at its
+    budget, a run over it), for one event or a batch's group.
+
+    The events count as failed in the model stats (``counters``), the failure is logged, and a
+    canary's or shadow's is counted in the metrics (production's is a 503 or an error entry, which
+    the request metrics count). True: the events go to production instead (a canary's). False:
+    this failure is their end (production's: no made-up score; a shadow's: nothing was to answer).
+    """
+    for _ in range(events):
+        counters.failed()
     log.error("%s model %s of %s failed on %d event(s): %s", model.role, model.model_id, model.product,
               events, reason)
     if model.role != "production":
         count_model_failure(model.product, model.model_id, model.role == "canary", events)
+    return model.role == "canary"
 
 
 def prediction(model: ServingModel, score: float, explanation: list, started: float,
