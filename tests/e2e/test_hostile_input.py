@@ -1,173 +1,40 @@
-"""Hostile clients against one real two-worker `sira serve`: each gets its exact 4xx, or is disconnected.
+"""Hostile bodies and slow clients against one real two-worker `sira serve`: each gets its 4xx, or is cut off.
 
-JWT attacks beyond tests/e2e/test_infer.py's (key confusion, time and audience claims, sizes,
-garbage), JSON that is deep, large, duplicated, out of float range or not UTF-8, bodies and headers
-that arrive a byte at a time, a thousand idle connections. The server runs with a JWT issuer and
-audience, an RS256 key, 1-second header and body timeouts and no rate limit on failed logins (so
-the many refusals here stay 401, not 429). The module's last test checks that the server still
-answers and that nothing it logged is a traceback or a 5xx.
+JSON that is deep, large, duplicated, out of float range or not UTF-8, bodies over the limit or never
+sent, other media types, path traversal in ids, bodies and headers that arrive a byte at a time, a
+thousand idle connections. The server (tests/fixtures/hostile.py) has 1-second header and body
+timeouts. The module's last test checks that the server still answers and that nothing it logged is
+a traceback or a 5xx. Hostile tokens are in tests/e2e/test_hostile_tokens.py.
 """
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import hmac
 import json
 import selectors
 import socket
 import time
-import uuid
 
 import httpx
-import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
 
-from tests.fixtures.server import TEST_JWT_SECRET, module_server
+from tests.fixtures.hostile import (  # noqa: F401 (fixtures)
+    ERROR_FIELDS,
+    assert_error,
+    assert_server_whole,
+    auth,
+    claims,
+    client_fixture,
+    event,
+    hs256,
+    rsa_key_fixture,
+    server_fixture,
+)
 
-ISSUER, AUDIENCE = "https://issuer.sira.test", "sira-inference"
-ERROR_FIELDS = {"error_code", "message", "request_id", "timestamp", "details"}
 SLOW_DEADLINE_S = 30.0  # the longest a test waits for the server to give up on a slow client (it takes ~1 s)
-
-
-@pytest.fixture(scope="module")
-def rsa_key(tmp_path_factory):
-    """An RS256 key the server trusts under kid `rsa1`: (private key, public PEM bytes, PEM path)."""
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                               serialization.PublicFormat.SubjectPublicKeyInfo)
-    path = tmp_path_factory.mktemp("hostile-keys") / "rsa1.pem"
-    path.write_bytes(public_pem)
-    return key, public_pem, str(path)
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory, pg_url, rsa_key):
-    with module_server(tmp_path_factory, pg_url, "hostile", workers=2, JWT_PUBLIC_KEYS=f"rsa1={rsa_key[2]}",
-                       JWT_ISSUER=ISSUER, JWT_AUDIENCE=AUDIENCE, SIRA_HEADER_TIMEOUT_S="1",
-                       SIRA_BODY_TIMEOUT_S="1", SIRA_RATE_LIMITS="anonymous=unlimited") as sira:
-        yield sira
-
-
-def claims(**overrides) -> dict:
-    now = int(time.time())
-    values = {"sub": "hostile-test", "role": "sira_service", "iss": ISSUER, "aud": AUDIENCE, "iat": now,
-              "exp": now + 600}
-    values.update(overrides)
-    return {name: value for name, value in values.items() if value is not None}
-
-
-def hs256(payload: dict | None = None, secret: str | bytes = TEST_JWT_SECRET, kid: str | None = "default") -> str:
-    return jwt.encode(payload or claims(), secret, algorithm="HS256", headers={"kid": kid} if kid else None)
-
-
-def b64(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def hand_signed_hs256(header: dict, payload: dict, secret: bytes) -> str:
-    """What pyjwt refuses to make: an HMAC token keyed with whatever bytes we like (a public key's PEM)."""
-    signing_input = f"{b64(json.dumps(header).encode())}.{b64(json.dumps(payload).encode())}"
-    signature = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{b64(signature)}"
-
-
-def auth(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
-def event(**payload) -> dict:
-    body = {"amount": 42.0, "currency": "USD", "country": "US", "payment_method": "card"}
-    body.update(payload)
-    return {"event_id": str(uuid.uuid4()), "product": "fraud_score", "payload": body}
-
-
-def assert_error(response: httpx.Response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == ERROR_FIELDS and body["error_code"] == code, body
-    return body
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, headers=auth(hs256()), timeout=15) as http:
-        yield http
 
 
 def post_raw(client: httpx.Client, body: bytes, content_type: str = "application/json", **headers):
     return client.post("/v1/infer", content=body, headers={"Content-Type": content_type, **headers})
-
-
-# --- JWT ------------------------------------------------------------------------------------------
-
-
-def test_tokens_of_every_configured_key_are_accepted(client, server, rsa_key):
-    """The control case: the refusals below are about the attack, not a key that never works."""
-    assert client.post("/v1/infer", json=event()).status_code == 200
-    rs256 = jwt.encode(claims(), rsa_key[0], algorithm="RS256", headers={"kid": "rsa1"})
-    assert httpx.post(server.url + "/v1/infer", json=event(), headers=auth(rs256)).status_code == 200
-
-
-def jwt_attacks(rsa_key) -> dict[str, str]:
-    private_key, public_pem, _ = rsa_key
-    none_header = {"alg": "none", "typ": "JWT", "kid": "rsa1"}
-    return {
-        "alg none naming the RSA key": f"{b64(json.dumps(none_header).encode())}.{b64(json.dumps(claims()).encode())}.",
-        "HS256 keyed with the RS256 public PEM, kid rsa1": hand_signed_hs256(
-            {"alg": "HS256", "typ": "JWT", "kid": "rsa1"}, claims(), public_pem),
-        "HS256 keyed with the RS256 public PEM, no kid": hand_signed_hs256(
-            {"alg": "HS256", "typ": "JWT"}, claims(), public_pem),
-        "RS256 presented under the HS256 kid": jwt.encode(claims(), private_key, algorithm="RS256",
-                                                          headers={"kid": "default"}),
-        "not yet valid (nbf in an hour)": hs256(claims(nbf=int(time.time()) + 3600)),
-        "issued in the future": hs256(claims(iat=int(time.time()) + 3600)),
-        "expired an hour ago": jwt.encode(claims(exp=int(time.time()) - 3600), private_key, algorithm="RS256",
-                                          headers={"kid": "rsa1"}),
-        "exp as a string": hs256(claims(exp="9999999999")),
-        "wrong issuer": hs256(claims(iss="https://evil.example")),
-        "no issuer": hs256(claims(iss=None)),
-        "wrong audience": hs256(claims(aud="another-service")),
-        "no audience": hs256(claims(aud=None)),
-        "no exp": hs256(claims(exp=None)),
-        "kid that is a path": hs256(kid="../../etc/passwd"),
-        "oversized (8193 characters)": hs256(claims(pad="x" * 8000))[:8193].ljust(8193, "x"),
-        "three dots": "...",
-        "header that is a JSON list": f"{b64(b'[1]')}.{b64(json.dumps(claims()).encode())}.c2ln",
-        "header that is not base64": "%%%.eyJzdWIiOiJ4In0.c2ln",
-        "binary junk": b64(bytes(range(256))) + "." + b64(b"\x00" * 40) + "." + b64(b"\xff" * 32),
-        "signature stripped": hs256().rsplit(".", 1)[0] + ".",
-    }
-
-
-JWT_ATTACK_NAMES = ["alg none naming the RSA key", "HS256 keyed with the RS256 public PEM, kid rsa1",
-                    "HS256 keyed with the RS256 public PEM, no kid", "RS256 presented under the HS256 kid",
-                    "not yet valid (nbf in an hour)", "issued in the future", "expired an hour ago",
-                    "exp as a string", "wrong issuer", "no issuer", "wrong audience", "no audience", "no exp",
-                    "kid that is a path", "oversized (8193 characters)", "three dots", "header that is a JSON list",
-                    "header that is not base64", "binary junk", "signature stripped"]
-
-
-@pytest.mark.parametrize("attack", JWT_ATTACK_NAMES)
-def test_jwt_attack_is_401(server, rsa_key, attack):
-    token = jwt_attacks(rsa_key)[attack]
-    response = httpx.post(server.url + "/v1/infer", json=event(), headers=auth(token), timeout=10)
-    body = assert_error(response, 401, "UNAUTHORIZED")
-    assert token[:40] not in body["message"] and response.headers["www-authenticate"] == "Bearer"
-
-
-def test_authorization_header_of_raw_non_ascii_bytes_is_401(server):
-    response = httpx.post(server.url + "/v1/infer", json=event(),
-                          headers={"Authorization": b"Bearer \xff\xfe\x80token"}, timeout=10)
-    assert_error(response, 401, "UNAUTHORIZED")
-
-
-def test_header_beyond_gunicorns_field_limit_is_refused_before_the_app(server):
-    """A 20 kB Authorization header: gunicorn's parser answers 431 itself (its own plain body, not ours)."""
-    response = httpx.post(server.url + "/v1/infer", json=event(), headers=auth("a" * 20_000), timeout=10)
-    assert response.status_code == 431
 
 
 # --- JSON -----------------------------------------------------------------------------------------
@@ -428,12 +295,4 @@ def count_closed_by_server(sockets: list[socket.socket]) -> int:
 
 def test_zz_server_still_answers_and_logged_no_traceback_or_5xx(server, client):
     """Runs last (file order): whatever came before left the server whole."""
-    assert client.post("/v1/infer", json=event()).status_code == 200
-    assert httpx.get(server.url + "/readyz", timeout=10).status_code == 200
-    metrics = httpx.get(server.url + "/metrics", timeout=10).text
-    counted = [line for line in metrics.splitlines() if line.startswith("sira_inference_requests_total{")]
-    assert any('status="400"' in line for line in counted), "the refusals above are counted by status"
-    assert not [line for line in counted if 'status="5' in line and not line.endswith(" 0.0")]
-    log = server.log()
-    assert "Traceback" not in log and '"exception"' not in log, log[-3000:]
-    assert "INTERNAL_ERROR" not in log and '"level":"error"' not in log and '"level":"critical"' not in log
+    assert_server_whole(server, client, refused_status="400")

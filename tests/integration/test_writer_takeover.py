@@ -13,14 +13,14 @@ from app.predlog.files import OverflowSpill
 from app.predlog.log import PredictionLog, Stat, encode_record, slot_cell
 from shm.ring import SLOT_HEADER_SIZE, QueueRings
 from shm.segment import segment_name, segment_path
-from tests.integration.test_writer import (  # noqa: F401
+from tests.fixtures.writer_rings import (  # noqa: F401
     Shared,
     WriterProcess,
     body,
     logged_ids,
     make_config,
     row_count,
-    setup,
+    setup_fixture,
     wait_until,
 )
 
@@ -32,7 +32,7 @@ def damage_first_record(rings: QueueRings, slot: int) -> None:
     rings.segment.buf[at] ^= 0xFF
 
 
-def test_a_damaged_record_is_set_aside_and_every_other_record_flows(setup):  # noqa: F811
+def test_a_damaged_record_is_set_aside_and_every_other_record_flows(setup):
     config, shared, writer = setup
     damaged = shared.append(0, 1)
     sent = shared.append(0, 99) + shared.append(1, 100)
@@ -52,7 +52,7 @@ def test_a_damaged_record_is_set_aside_and_every_other_record_flows(setup):  # n
     assert writer.stop() == 0
 
 
-def test_a_dead_instances_rings_are_drained_then_removed(setup, tmp_path):  # noqa: F811
+def test_a_dead_instances_rings_are_drained_then_removed(setup, tmp_path):
     config, shared, writer = setup
     dead = dataclasses.replace(make_config(tmp_path / "dead", config.database_url), slots=2, ring_bytes=1 << 16)
     dead_rings = QueueRings.create(dead.rings_segment, dead.slots, dead.ring_bytes)
@@ -74,7 +74,7 @@ def test_a_dead_instances_rings_are_drained_then_removed(setup, tmp_path):  # no
         dead_rings.unlink()  # idempotent: the writer removed it already
 
 
-def test_rings_a_dead_instance_left_that_cannot_be_read_are_kept_aside(setup):  # noqa: F811
+def test_rings_a_dead_instance_left_that_cannot_be_read_are_kept_aside(setup):
     config, shared, writer = setup
     name = segment_name("t" + os.urandom(6).hex(), "predlog")
     with open(segment_path(name), "wb") as handle:
@@ -94,7 +94,7 @@ def test_rings_a_dead_instance_left_that_cannot_be_read_are_kept_aside(setup):  
             os.unlink(segment_path(name))
 
 
-def test_disk_errors_in_the_writer_are_counted_and_never_end_it(setup):  # noqa: F811
+def test_disk_errors_in_the_writer_are_counted_and_never_end_it(setup):
     config, shared, writer = setup
     os.makedirs(config.spool_dir)
     with open(config.batches_dir, "w") as handle:  # a file where the spool's folder should be
@@ -111,7 +111,7 @@ def test_disk_errors_in_the_writer_are_counted_and_never_end_it(setup):  # noqa:
     assert writer.stop() == 0
 
 
-def test_an_overflow_file_with_a_damaged_record_replays_the_good_ones_and_keeps_the_rest(setup):  # noqa: F811
+def test_an_overflow_file_with_a_damaged_record_replays_the_good_ones_and_keeps_the_rest(setup):
     config, shared, writer = setup
     spill = OverflowSpill(config.overflow_dir, "deadinstance", 0, 1)
     records = [encode_record(body(), "evt", "fraud_score", "req", 1.7e9) for _ in range(5)]
