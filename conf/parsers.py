@@ -125,6 +125,7 @@ def parse_nonempty(value: str) -> str:
 
 
 def parse_kid(value: str) -> str:
+    """A JWT key id: the one rule for JWT_SECRET_KID, JWT_PUBLIC_KEYS and the keys' ring (app/auth/keys.py)."""
     if not re.fullmatch(r"[A-Za-z0-9._\-]{1,64}", value):
         raise ValueError(f"a key id of 1-64 letters, digits, '.', '_' or '-', got {value!r}")
     return value
@@ -147,6 +148,8 @@ def parse_public_keys(value: str) -> dict[str, str]:
         if not sep or not kid or not path:
             raise ValueError(f"KID=PATH[,KID=PATH...], got {item!r}")
         parse_kid(kid)
+        if kid in keys:
+            raise ValueError(f"each kid once, but {kid!r} is named twice")
         if not os.path.isfile(path):
             raise ValueError(f"a readable PEM file for kid {kid!r}, but {path!r} is not a file")
         keys[kid] = path

@@ -8,7 +8,6 @@ least 32 bytes (RFC 7518 section 3.2); key files must hold a PEM *public* key; R
 
 from __future__ import annotations
 
-import re
 import time
 from typing import Any
 
@@ -20,10 +19,10 @@ from jwt import exceptions as jwt_errors
 from jwt.algorithms import HMACAlgorithm
 
 from app.auth.roles import KNOWN_ROLES
+from conf.parsers import parse_kid
 
 MIN_SECRET_BYTES = 32
 MIN_RSA_BITS = 2048
-_KID_PATTERN = re.compile(r"[A-Za-z0-9._\-]{1,64}")
 _SIGNING_ALGORITHMS = ("HS256", "RS256", "ES256")
 _HMAC_SHA256 = HMACAlgorithm(HMACAlgorithm.SHA256)
 
@@ -71,8 +70,10 @@ class KeyRing:
 
 
 def _check_kid(kid: str) -> None:
-    if not _KID_PATTERN.fullmatch(kid):
-        raise ValueError(f"key id must be 1-64 letters, digits, '.', '_' or '-', got {kid!r}")
+    try:
+        parse_kid(kid)
+    except ValueError as exc:
+        raise ValueError(f"key id: expected {exc}") from None
 
 
 def _hmac_secret(secret: str) -> bytes:
@@ -114,22 +115,6 @@ def load_public_key(path: str) -> tuple[str, Any]:
     raise ValueError(
         f"{path} holds an unsupported key type ({type(key).__name__}); use RSA (RS256) or EC P-256 (ES256)"
     )
-
-
-def parse_public_key_setting(value: str) -> dict[str, str]:
-    """Parses "kid1=/path/a.pem,kid2=/path/b.pem" (JWT_PUBLIC_KEYS) into {kid: path}."""
-    keys: dict[str, str] = {}
-    if not value.strip():
-        return keys
-    for item in value.split(","):
-        kid, sep, path = (part.strip() for part in item.partition("="))
-        if not sep or not kid or not path:
-            raise ValueError(f"bad JWT public key entry {item.strip()!r}: expected KID=PATH[,KID=PATH...]")
-        _check_kid(kid)
-        if kid in keys:
-            raise ValueError(f"key id {kid!r} appears twice in the JWT public key setting")
-        keys[kid] = path
-    return keys
 
 
 def mint_token(

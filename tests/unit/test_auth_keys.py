@@ -6,8 +6,9 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from app.auth.keys import KeyRing, mint_token, parse_public_key_setting
+from app.auth.keys import KeyRing, mint_token
 from app.auth.tokens import Authenticator
+from conf.parsers import parse_public_keys
 from tests.fixtures.jwt_keys import (  # noqa: F401 (fixtures)
     SECRET,
     SECRET_KID,
@@ -56,7 +57,7 @@ def test_mint_token_sets_claims_and_kid(auth):
         ({"algorithm": "none"}, "algorithm must be one of"),
         ({"algorithm": "RS256"}, "RS256 needs private_key_pem"),
         ({"algorithm": "RS256", "private_key_pem": b"not a pem"}, "not an unencrypted PEM private key"),
-        ({"kid": "bad kid!"}, "key id must be"),
+        ({"kid": "bad kid!"}, "key id: expected a key id of 1-64"),
     ],
 )
 def test_mint_token_argument_errors(kwargs, match):
@@ -73,19 +74,19 @@ def test_mint_token_refuses_key_of_the_wrong_type(ec_key):
 # --- configuration ------------------------------------------------------------------------------
 
 
-def test_parse_public_key_setting():
-    assert parse_public_key_setting("") == {}
-    assert parse_public_key_setting("  ") == {}
-    assert parse_public_key_setting("k1=/a.pem") == {"k1": "/a.pem"}
-    assert parse_public_key_setting(" k1 = /a.pem , k-2.x=/b/c=d.pem") == {"k1": "/a.pem", "k-2.x": "/b/c=d.pem"}
+def test_jwt_public_keys_are_kid_path_pairs_each_kid_once(tmp_path):
+    a, b = tmp_path / "a.pem", tmp_path / "c=d.pem"
+    a.write_text("x"), b.write_text("x")
+    assert parse_public_keys("") == {} and parse_public_keys("  ") == {}
+    assert parse_public_keys(f"k1={a}") == {"k1": str(a)}
+    assert parse_public_keys(f" k1={a} , k-2.x={b}") == {"k1": str(a), "k-2.x": str(b)}
 
 
-@pytest.mark.parametrize(
-    "value", ["k1", "=/a.pem", "k1=", "k1=/a.pem,", "k1=/a.pem,,k2=/b.pem", "k1=/a.pem,k1=/b.pem", "k 1=/a.pem"]
-)
-def test_parse_public_key_setting_errors(value):
+@pytest.mark.parametrize("value", ["k1", "=/a.pem", "k1=", "k1=A,k1=B", "k 1=A", "k1=/does/not/exist.pem"])
+def test_bad_jwt_public_keys_are_refused(tmp_path, value):
+    (tmp_path / "a.pem").write_text("x")
     with pytest.raises(ValueError):
-        parse_public_key_setting(value)
+        parse_public_keys(value.replace("A", str(tmp_path / "a.pem")).replace("B", str(tmp_path / "a.pem")))
 
 
 def write_pem(tmp_path, name: str, data: bytes) -> str:
