@@ -7,7 +7,6 @@ archived id answers 410 PREDICTION_ARCHIVED; `sira predictions restore` brings t
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import io
 import json
@@ -19,10 +18,10 @@ import pytest
 from uuid_utils import uuid7
 
 from app.predlog.log import encode_record
-from app.predlog.sink import PostgresSink
 from tests.e2e.test_infer import event
 from tests.fixtures.server import bearer, run_sira, sira_env
 from tests.fixtures.waiting import wait_for
+from tests.integration.test_partitions import write
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -42,18 +41,6 @@ def old_records(day: dt.date, count: int) -> tuple[list[bytes], list[str]]:
         records.append(encode_record(body, f"evt-{index}", "fraud_score", None, at.timestamp()))
         ids.append(prediction_id)
     return records, ids
-
-
-def write_as_the_writer(dsn: str, tmp_path, records: list[bytes]) -> None:
-    async def run() -> None:
-        sink = PostgresSink(dsn, str(tmp_path / "rejected"))
-        await sink.open()
-        try:
-            await sink.write(records)
-        finally:
-            await sink.close()
-
-    asyncio.run(run())
 
 
 def score(server, count: int) -> list[str]:
@@ -83,7 +70,7 @@ def test_a_day_is_archived_to_the_bucket_looked_up_as_archived_and_restored(serv
     wait_for(lambda: count_of(dsn, today_ids) == 20, "today's predictions in Postgres")
     day = dt.datetime.now(UTC).date() - dt.timedelta(days=40)
     records, old_ids = old_records(day, 300)
-    write_as_the_writer(dsn, tmp_path, records)
+    write(dsn, tmp_path, records)  # as the writer inserts them
 
     done = run_sira("predictions", "archive", "--before", str(day + dt.timedelta(days=10)), env=server.env)
     assert done.returncode == 0, done.stderr
